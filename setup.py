@@ -1,0 +1,26 @@
+from setuptools import setup
+
+# The Triton kernels live in kernels/ but install as vitok_fast.kernels: a top-level
+# `kernels` module would clash with the PyPI package of that name.
+CORE = ["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "einops>=0.7",
+        "safetensors>=0.4", "numpy>=1.24"]
+EXTRAS = {
+    "train": ["lpips>=0.1.4", "tensorboard>=2.14", "tqdm>=4.66", "webdataset>=0.2.86", "av>=12",
+              "scikit-image>=0.22"],
+    "bench": ["diffusers>=0.27", "pytest-benchmark>=4.0", "nvtx>=0.2.10", "matplotlib>=3.8"],
+}
+EXTRAS["dev"] = sorted({dep for deps in EXTRAS.values() for dep in deps} | {"pytest>=8"})
+
+setup(
+    name="vitok_fast",
+    version="0.1.0",
+    description="A fast implementation of ViTok, the Vision-Transformer image and video tokenizer",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["vitok_fast", "vitok_fast.kernels"],
+    package_dir={"vitok_fast": "vitok_fast", "vitok_fast.kernels": "kernels"},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    license="MIT",
+)

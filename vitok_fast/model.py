@@ -1,0 +1,372 @@
+"""ViTok: a Vision-Transformer image and video autoencoder built from Llama blocks.
+
+Reads top to bottom like the paper's Figure 1 (arXiv 2501.09755, Section 2; SPEC.md
+section 1): tubelet embed -> encoder blocks -> KL bottleneck -> linear "upsample" ->
+decoder blocks -> head + unpatchify.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from vitok_fast import ops
+from vitok_fast.config import ViTokConfig
+from vitok_fast.kernels import rope_cos_sin
+from vitok_fast.profiling import span
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, use_kernels: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.use_kernels = use_kernels
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps, self.use_kernels)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention with 3D RoPE on q and k, no biases."""
+
+    def __init__(self, dim: int, heads: int, use_kernels: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.use_kernels = use_kernels
+
+    def forward(self, x, cos, sin):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = ops.rope_3d_qk(q, k, cos, sin, self.use_kernels)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)`` with w1 and w3 packed into one GEMM (``w13``)."""
+
+    def __init__(self, dim: int, hidden: int, use_kernels: bool):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.use_kernels = use_kernels
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(ops.swiglu(gate, up, self.use_kernels))
+
+
+class Block(nn.Module):
+    """Llama block: pre-RMSNorm attention and pre-RMSNorm SwiGLU, each with a residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, eps: float, use_kernels: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps, use_kernels)
+        self.attn = Attention(dim, heads, use_kernels)
+        self.mlp_norm = RMSNorm(dim, eps, use_kernels)
+        self.mlp = SwiGLU(dim, mlp_hidden, use_kernels)
+
+    def forward(self, x, cos, sin):
+        with span("attention"):
+            x = x + self.attn(self.attn_norm(x), cos, sin)
+        with span("mlp"):
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of Llama blocks and a final RMSNorm; builds its RoPE tables from the grid."""
+
+    def __init__(self, dim, depth, heads, mlp_hidden, eps, theta, use_kernels):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.theta = theta
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_hidden, eps, use_kernels) for _ in range(depth))
+        self.norm = RMSNorm(dim, eps, use_kernels)
+        self.grad_checkpointing = False
+
+    def forward(self, x, grid):
+        cos, sin = rope_cos_sin(grid, self.head_dim, self.theta, device=x.device)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return self.norm(x)
+
+
+class DiagonalGaussian:
+    """The KL bottleneck's posterior q(z | x) = N(mean, exp(logvar)).
+
+    ``mean`` and ``logvar`` have the latent layout: ``(B, c, H', W')`` for images and
+    ``(B, c, T', H', W')`` for videos.
+    """
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean
+        self.logvar = logvar
+
+    @property
+    def std(self):
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                            dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """[authors' code] KL to N(0, I), a mean over batch, tokens and channels (not a sum)."""
+        m, lv = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.mean(m.pow(2) + lv.exp() - 1.0 - lv)
+
+
+class Encoder(nn.Module):
+    """Tubelet embed -> Llama blocks -> final norm -> Linear to the bottleneck's 2c moments."""
+
+    def __init__(self, cfg: ViTokConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.patch_dim, cfg.encoder_width)
+        self.transformer = Transformer(cfg.encoder_width, cfg.encoder_depth, cfg.encoder_heads,
+                                       cfg.encoder_mlp_hidden, cfg.norm_eps, cfg.rope_theta,
+                                       cfg.use_kernels)
+        self.to_moments = nn.Linear(cfg.encoder_width, 2 * cfg.channels)
+
+    def forward(self, x, grid):
+        cfg = self.cfg
+        with span("embed"):
+            h = ops.tubelet_embed(x, self.embed.weight, self.embed.bias, cfg.tubelet_size,
+                                  cfg.patch_size, cfg.use_kernels)
+        h = self.transformer(h, grid)
+        with span("bottleneck"):
+            return self.to_moments(h)
+
+
+class Decoder(nn.Module):
+    """Linear "upsample" c -> d -> Llama blocks -> final norm -> head + unpatchify."""
+
+    def __init__(self, cfg: ViTokConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.upsample = nn.Linear(cfg.channels, cfg.decoder_width)
+        self.transformer = Transformer(cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
+                                       cfg.decoder_mlp_hidden, cfg.norm_eps, cfg.rope_theta,
+                                       cfg.use_kernels)
+        self.head = nn.Linear(cfg.decoder_width, cfg.patch_dim)
+
+    def forward(self, z_tokens, grid):
+        cfg = self.cfg
+        with span("bottleneck"):
+            h = self.upsample(z_tokens)
+        h = self.transformer(h, grid)
+        T, H, W = grid[0] * cfg.tubelet_size, grid[1] * cfg.patch_size, grid[2] * cfg.patch_size
+        with span("head"):
+            return ops.tubelet_unembed(h, self.head.weight, self.head.bias, cfg.tubelet_size,
+                                       cfg.patch_size, T, H, W, cfg.use_kernels)
+
+
+class ViTok(nn.Module):
+    """ViTok autoencoder. ``model(x)`` returns ``(reconstruction, posterior)``.
+
+    Pixels are ``(B, 3, H, W)`` images or ``(B, 3, T, H, W)`` videos in [-1, 1]; any H, W
+    divisible by the patch and T divisible by the tubelet works, with the same weights.
+    Latents are ``(B, c, H/p, W/p)`` for images and ``(B, c, T/q, H/p, W/p)`` for videos.
+    """
+
+    def __init__(self, config: ViTokConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.apply(_init_weights)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ViTok":
+        return cls(ViTokConfig.from_name(name, **overrides))
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.encoder.transformer.grad_checkpointing = enabled
+        self.decoder.transformer.grad_checkpointing = enabled
+
+    # -- the autoencoder ------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        self._check_pixels(x)
+        video = x if x.ndim == 5 else x.unsqueeze(2)
+        grid = self.config.grid(*video.shape[2:])
+        moments = self.encoder(video, grid)
+        mean, logvar = moments.chunk(2, dim=-1)
+        logvar = logvar.clamp(self.config.logvar_min, self.config.logvar_max)
+        layout = "b (t h w) c -> b c t h w" if x.ndim == 5 else "b (t h w) c -> b c (t h) w"
+        to_latent = lambda m: rearrange(m, layout, t=grid[0], h=grid[1], w=grid[2])
+        return DiagonalGaussian(to_latent(mean), to_latent(logvar))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_latent(z)
+        video = z if z.ndim == 5 else z.unsqueeze(2)
+        grid = tuple(video.shape[2:])
+        pixels = self.decoder(rearrange(video, "b c t h w -> b (t h w) c"), grid)
+        return pixels if z.ndim == 5 else pixels.squeeze(2)
+
+    def forward(self, x: torch.Tensor, sample: bool = True,
+                generator: torch.Generator | None = None):
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+    # -- input checks, at the edge, before any kernel runs ---------------------------------
+
+    def _check_pixels(self, x) -> None:
+        cfg = self.config
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of pixels, got {type(x).__name__}")
+        if x.ndim not in (4, 5):
+            raise ValueError(
+                f"expected images (B, {cfg.in_channels}, H, W) or videos "
+                f"(B, {cfg.in_channels}, T, H, W), got a {x.ndim}-d tensor of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected floating-point pixels in [-1, 1] (float32, bfloat16 or float16), "
+                f"got dtype {x.dtype}; convert with x.float() / 127.5 - 1")
+        if x.shape[0] == 0:
+            raise ValueError(f"expected a batch of at least 1, got an empty batch of shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"expected {cfg.in_channels} channels (RGB) in dim 1, got {x.shape[1]} "
+                f"(shape {tuple(x.shape)})")
+        p, q = cfg.patch_size, cfg.tubelet_size
+        for axis, size in (("H", x.shape[-2]), ("W", x.shape[-1])):
+            if size < p or size % p:
+                raise ValueError(
+                    f"{axis} must be a positive multiple of the patch size {p} for {cfg.name}, "
+                    f"got {axis} = {size}")
+        if q > 1 and x.ndim == 4:
+            raise ValueError(
+                f"{cfg.name} is a video model with tubelets of {q} frames: expected videos "
+                f"(B, 3, T, H, W) with T a multiple of {q}, got images of shape {tuple(x.shape)}")
+        if x.ndim == 5 and (x.shape[2] < q or x.shape[2] % q):
+            raise ValueError(
+                f"T must be a positive multiple of the tubelet size {q} for {cfg.name}, "
+                f"got T = {x.shape[2]}")
+
+    def _check_latent(self, z) -> None:
+        c = self.config.channels
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor latent, got {type(z).__name__}")
+        if z.ndim not in (4, 5):
+            raise ValueError(
+                f"expected latents (B, {c}, H', W') or (B, {c}, T', H', W'), got a {z.ndim}-d "
+                f"tensor of shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"expected a floating-point latent, got dtype {z.dtype}")
+        if z.shape[0] == 0 or 0 in z.shape[2:]:
+            raise ValueError(f"expected a non-empty latent, got shape {tuple(z.shape)}")
+        if z.shape[1] != c:
+            raise ValueError(f"expected {c} latent channels in dim 1, got {z.shape[1]} "
+                             f"(shape {tuple(z.shape)})")
+
+    # -- checkpoint I/O ---------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors``, each atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(
+            state, path, metadata={"format": "pt", "vitok_config": self.config.to_json()}))
+        _atomic_write(directory / CONFIG_FILE,
+                      lambda path: Path(path).write_text(self.config.to_json() + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", **overrides) -> "ViTok":
+        """Load a model saved by :meth:`save_pretrained`, with strict key and shape checks.
+
+        ``overrides`` set run-time config fields such as ``use_kernels``.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"expected a ViTok checkpoint file {path} (a directory written by "
+                    f"save_pretrained holds {CONFIG_FILE} and {WEIGHTS_FILE}), but it does not exist")
+        try:
+            config_data = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        config = ViTokConfig.from_dict({**config_data, **overrides})
+        try:
+            state = load_file(weights_path, device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(
+                f"{weights_path} is not a readable safetensors file (truncated or corrupt?): {e}"
+            ) from None
+        with torch.device("meta"):
+            model = cls(config)
+        _check_state(model.state_dict(), state, config_path, weights_path)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # [ours] Llama/ViT-style: N(0, 0.02) weights, zero biases; norms start at 1.
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _check_state(expected: dict, given: dict, config_path, weights_path) -> None:
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_path} does not match {config_path}: missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}")
+    for key, tensor in expected.items():
+        if tuple(given[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"shape mismatch for {key}: {config_path} expects {tuple(tensor.shape)}, "
+                f"{weights_path} holds {tuple(given[key].shape)}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

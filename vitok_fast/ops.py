@@ -1,0 +1,56 @@
+"""The one dispatch layer between the model and vitok_fast.kernels.
+
+Each op takes ``use_kernels``: when True and Triton can run on the tensor's device (CUDA, or
+the CPU under ``TRITON_INTERPRET=1``), the fused kernel runs; otherwise the plain-PyTorch
+reference does. The reference path is what every kernel is checked against.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from vitok_fast import kernels as K
+
+
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_can_run(t: torch.Tensor) -> bool:
+    """True where a Triton kernel can run on ``t``'s device."""
+    if not _has_triton():
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _fused(use_kernels: bool, t: torch.Tensor) -> bool:
+    return use_kernels and triton_can_run(t)
+
+
+def rms_norm(x, weight, eps, use_kernels):
+    return (K.rms_norm if _fused(use_kernels, x) else K.rms_norm_ref)(x, weight, eps)
+
+
+def swiglu(gate, up, use_kernels):
+    return (K.swiglu if _fused(use_kernels, gate) else K.swiglu_ref)(gate, up)
+
+
+def rope_3d_qk(q, k, cos, sin, use_kernels):
+    return (K.rope_3d_qk if _fused(use_kernels, q) else K.rope_3d_qk_ref)(q, k, cos, sin)
+
+
+def tubelet_embed(x, weight, bias, q, p, use_kernels):
+    return (K.tubelet_embed if _fused(use_kernels, x) else K.tubelet_embed_ref)(x, weight, bias, q, p)
+
+
+def tubelet_unembed(h, weight, bias, q, p, T, H, W, use_kernels):
+    fn = K.tubelet_unembed if _fused(use_kernels, h) else K.tubelet_unembed_ref
+    return fn(h, weight, bias, q, p, T, H, W)
