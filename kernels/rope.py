@@ -18,29 +18,30 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
-                device=None) -> torch.Tensor:
-    """Angles ``(N, P)`` in fp32 for a (T', H', W') token grid in (t, h, w) raster order."""
+                device=None, dtype=torch.float32) -> torch.Tensor:
+    """Angles ``(N, P)`` for a (T', H', W') token grid in (t, h, w) raster order."""
     T, H, W = grid
     positions = torch.stack(torch.meshgrid(
         torch.arange(T, device=device), torch.arange(H, device=device),
-        torch.arange(W, device=device), indexing="ij"), dim=-1).reshape(-1, 3).float()
+        torch.arange(W, device=device), indexing="ij"), dim=-1).reshape(-1, 3).to(dtype)
     segments = []
     for axis, n in enumerate(rope_split(head_dim)):
         freq = theta ** (-torch.arange(n, device=device, dtype=torch.float64) / n)
-        segments.append(positions[:, axis, None] * freq.float())
+        segments.append(positions[:, axis, None] * freq.to(dtype))
     return torch.cat(segments, dim=-1)
 
 
-def rope_cos_sin(grid, head_dim: int, theta: float = 10000.0, device=None):
-    """``cos, sin`` tables ``(N, P)`` in fp32 for :func:`rope_3d`."""
-    angles = rope_angles(grid, head_dim, theta, device)
+def rope_cos_sin(grid, head_dim: int, theta: float = 10000.0, device=None, dtype=torch.float32):
+    """``cos, sin`` tables ``(N, P)`` for :func:`rope_3d` (fp32 in the model)."""
+    angles = rope_angles(grid, head_dim, theta, device, dtype)
     return angles.cos(), angles.sin()
 
 
 def rope_3d_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch reference on ``x (..., N, D)`` with ``cos, sin (N, D/2)``; math in fp32."""
+    """Plain-PyTorch reference on ``x (..., N, D)`` with ``cos, sin (N, D/2)``; math in fp32
+    (fp64 for fp64 inputs)."""
     pairs = x.shape[-1] // 2
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     x1, x2 = xf[..., :pairs], xf[..., pairs:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 

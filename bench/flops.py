@@ -1,0 +1,126 @@
+"""Parameters and multiply-accumulates of ViTok against SD-VAE, counted with one counter.
+
+    python bench/flops.py --model S-B/16                  # 256p image, table
+    python bench/flops.py --model S-B/16 --resolution 512
+    python bench/flops.py --model S-B/4x8                 # video: 16x128x128 clips
+    python bench/flops.py --all --json -                  # every paper variant, JSON on stdout
+
+"GMACs" are multiply-accumulates: what the paper calls "GFLOPs". "GFLOPs" here are 2 x MACs.
+SD-VAE is diffusers' AutoencoderKL with the Stable Diffusion VAE configuration and random
+weights, applied frame by frame to videos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+import torch  # noqa: E402
+
+from vitok_fast.config import ViTokConfig  # noqa: E402
+from vitok_fast.flops import compare  # noqa: E402
+
+# The rows of the paper's tables: (model, resolution, frames).
+ALL_ROWS = (
+    ("S-B/16", 256, 1), ("S-B/16", 512, 1), ("S-L/16", 256, 1), ("B-B/16", 256, 1),
+    ("S-B/8", 256, 1), ("S-B/32", 256, 1),
+    ("S-B/4x8", 128, 16), ("S-B/8x8", 128, 16), ("S-B/4x16", 128, 16),
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="S-B/16",
+                        help="paper-style name, e.g. S-B/16, S-L/16, S-B/4x8 (default S-B/16)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="pixels per side (default 256 for images, 128 for video models)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per clip for video models (default 16); images use 1")
+    parser.add_argument("--channels", type=int, default=16, help="bottleneck channels c (default 16)")
+    parser.add_argument("--all", action="store_true", help="every variant of the paper's tables")
+    parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON ('-' for stdout)")
+    return parser.parse_args(argv)
+
+
+def rows_to_count(args) -> list[tuple[ViTokConfig, int, int]]:
+    if args.all:
+        return [(ViTokConfig.from_name(m, channels=args.channels), r, f) for m, r, f in ALL_ROWS]
+    config = ViTokConfig.from_name(args.model, channels=args.channels)
+    frames = args.frames if args.frames is not None else (16 if config.is_video else 1)
+    resolution = args.resolution if args.resolution is not None else (128 if config.is_video else 256)
+    return [(config, resolution, frames)]
+
+
+def _paper(fig, key):
+    return "" if fig is None or fig[key] is None else f"{fig[key]:.1f}"
+
+
+def _diff(ours, fig, key):
+    if fig is None or fig[key] is None:
+        return ""
+    return f"{100 * (ours - fig[key]) / fig[key]:+.1f}%"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'model':<14} {'input':<11} {'part':<8} {'params(M)':>10} {'GMACs':>9} {'GFLOPs':>9}"
+            f" | {'paper M':>8} {'paper GMACs':>11} {'d params':>9} {'d GMACs':>8}")
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        size = f"{row['resolution']}x{row['resolution']}"
+        size = size if row["frames"] == 1 else f"{row['frames']}x{size}"
+        for label, counts, paper in (("ViTok " + row["model"], row, row["paper"]),
+                                     ("SD-VAE", row["sd_vae"], None)):
+            for part in ("encoder", "decoder", "total"):
+                params_m, gmacs = counts[part]["params"] / 1e6, counts[part]["macs"] / 1e9
+                fig = paper[part] if paper else (row["paper_sd_vae"] if part == "total" else None)
+                name = label if part == "encoder" else ""
+                lines.append(
+                    f"{name:<14} {size if part == 'encoder' else '':<11} {part:<8} {params_m:>10.2f} "
+                    f"{gmacs:>9.2f} {2 * gmacs:>9.2f} | {_paper(fig, 'params_m'):>8} "
+                    f"{_paper(fig, 'gmacs'):>11} {_diff(params_m, fig, 'params_m'):>9} "
+                    f"{_diff(gmacs, fig, 'gmacs'):>8}")
+            lines.append(f"{'':<14} {'':<11} latent {tuple(counts['latent_shape'])}, E = {counts['E']}")
+        lines.append(f"{'':<14} {'':<11} SD-VAE : ViTok MACs = "
+                     f"{row['macs_ratio_sd_vae_over_vitok']:.2f}x")
+        lines.append("")
+    lines.append("GMACs = multiply-accumulates (the paper's 'GFLOPs'); GFLOPs = 2 x GMACs. "
+                 "Batch 1; SD-VAE runs videos frame by frame.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        todo = rows_to_count(args)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    rows = [compare(config, resolution, frames) for config, resolution, frames in todo]
+    elapsed = time.perf_counter() - start
+    if args.json != "-":
+        # Stdout stays pure JSON with --json -, so the table goes only to the other form.
+        print(format_table(rows))
+        print(f"counted {len(rows)} row(s) in {elapsed:.1f} s with "
+              f"torch.utils.flop_counter.FlopCounterMode on the meta device")
+    if args.json:
+        payload = {"counter": "torch.utils.flop_counter.FlopCounterMode (meta device)",
+                   "torch": torch.__version__, "units": {"macs": "multiply-accumulates",
+                                                         "params": "count"},
+                   "rows": rows}
+        text = json.dumps(payload, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
