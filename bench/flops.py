@@ -96,13 +96,12 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    start = time.perf_counter()
     try:
-        todo = rows_to_count(args)
-    except (ValueError, TypeError) as e:
+        rows = [compare(config, resolution, frames) for config, resolution, frames in rows_to_count(args)]
+    except (ValueError, TypeError) as e:  # a bad name, size or channel count: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    rows = [compare(config, resolution, frames) for config, resolution, frames in todo]
     elapsed = time.perf_counter() - start
     if args.json != "-":
         # Stdout stays pure JSON with --json -, so the table goes only to the other form.
