@@ -101,6 +101,13 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(dim, eps, use_kernels)
         self.grad_checkpointing = False
 
+    @classmethod
+    def from_config(cls, cfg: ViTokConfig, side: str) -> "Transformer":
+        """The encoder's or decoder's stack (``side`` is "encoder" or "decoder")."""
+        size = lambda field: getattr(cfg, f"{side}_{field}")
+        return cls(size("width"), size("depth"), size("heads"), size("mlp_hidden"),
+                   cfg.norm_eps, cfg.rope_theta, cfg.use_kernels)
+
     def forward(self, x, grid):
         cos, sin = rope_cos_sin(grid, self.head_dim, self.theta, device=x.device)
         for block in self.blocks:
@@ -147,9 +154,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Linear(cfg.patch_dim, cfg.encoder_width)
-        self.transformer = Transformer(cfg.encoder_width, cfg.encoder_depth, cfg.encoder_heads,
-                                       cfg.encoder_mlp_hidden, cfg.norm_eps, cfg.rope_theta,
-                                       cfg.use_kernels)
+        self.transformer = Transformer.from_config(cfg, "encoder")
         self.to_moments = nn.Linear(cfg.encoder_width, 2 * cfg.channels)
 
     def forward(self, x, grid):
@@ -169,9 +174,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.upsample = nn.Linear(cfg.channels, cfg.decoder_width)
-        self.transformer = Transformer(cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
-                                       cfg.decoder_mlp_hidden, cfg.norm_eps, cfg.rope_theta,
-                                       cfg.use_kernels)
+        self.transformer = Transformer.from_config(cfg, "decoder")
         self.head = nn.Linear(cfg.decoder_width, cfg.patch_dim)
 
     def forward(self, z_tokens, grid):
