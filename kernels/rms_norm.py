@@ -23,10 +23,11 @@ from .utils import as_rows, check_device, num_programs, rows_per_program
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Plain-PyTorch reference; the statistics are computed in fp32 whatever x's dtype."""
-    xf = x.float()
+    """Plain-PyTorch reference; statistics in fp32 for half-precision inputs (fp64 for fp64)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (out * weight.float()).to(x.dtype)
+    return (out * weight.to(compute)).to(x.dtype)
 
 
 def add_rms_norm_ref(x, residual, weight, eps: float = 1e-6):

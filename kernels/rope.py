@@ -9,7 +9,7 @@ The kernel reads q and k where they lie: in the model they are permuted views
 ``(B, H, N, D)`` of the packed qkv projection ``(B, N, 3, H, D)`` (no unit stride but the
 last), and it takes any strides for the first three dims, so no ``.contiguous()`` copy is
 made. It writes the rotated heads contiguous ``(B, H, N, D)``, the layout
-``F.scaled_dot_product_attention`` reads best. One launch covers q and k (grid axis 2).
+``F.scaled_dot_product_attention`` reads best. One launch covers q and k (grid axis 1).
 The backward is the inverse rotation (the same kernel with ``sin`` negated), applied to
 dq and dk in one launch.
 """
@@ -30,29 +30,30 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
-                device=None) -> torch.Tensor:
-    """Angles ``(N, P)`` in fp32 for a (T', H', W') token grid in (t, h, w) raster order."""
+                device=None, dtype=torch.float32) -> torch.Tensor:
+    """Angles ``(N, P)`` for a (T', H', W') token grid in (t, h, w) raster order."""
     T, H, W = grid
     positions = torch.stack(torch.meshgrid(
         torch.arange(T, device=device), torch.arange(H, device=device),
-        torch.arange(W, device=device), indexing="ij"), dim=-1).reshape(-1, 3).float()
+        torch.arange(W, device=device), indexing="ij"), dim=-1).reshape(-1, 3).to(dtype)
     segments = []
     for axis, n in enumerate(rope_split(head_dim)):
         freq = theta ** (-torch.arange(n, device=device, dtype=torch.float64) / n)
-        segments.append(positions[:, axis, None] * freq.float())
+        segments.append(positions[:, axis, None] * freq.to(dtype))
     return torch.cat(segments, dim=-1)
 
 
-def rope_cos_sin(grid, head_dim: int, theta: float = 10000.0, device=None):
-    """``cos, sin`` tables ``(N, P)`` in fp32 for :func:`rope_3d`."""
-    angles = rope_angles(grid, head_dim, theta, device)
+def rope_cos_sin(grid, head_dim: int, theta: float = 10000.0, device=None, dtype=torch.float32):
+    """``cos, sin`` tables ``(N, P)`` for :func:`rope_3d` (fp32 in the model)."""
+    angles = rope_angles(grid, head_dim, theta, device, dtype)
     return angles.cos(), angles.sin()
 
 
 def rope_3d_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch reference on ``x (..., N, D)`` with ``cos, sin (N, D/2)``; math in fp32."""
+    """Plain-PyTorch reference on ``x (..., N, D)`` with ``cos, sin (N, D/2)``; math in fp32
+    (fp64 for fp64 inputs)."""
     pairs = x.shape[-1] // 2
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     x1, x2 = xf[..., :pairs], xf[..., pairs:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
@@ -63,17 +64,21 @@ def rope_3d_qk_ref(q, k, cos, sin):
 
 
 @triton.jit
-def _rope_tile(X, Y, COS, SIN, b, h, n0, N, P, sxb, sxh, sxn, syb, syh, syn, sign,
-               BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-    tokens = n0 + tl.arange(0, BLOCK_N)
+def _rope_tile(X, Y, COS, SIN, r0, R, H, N, P, sxb, sxh, sxn, syb, syh, syn, sign,
+               BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    # A tile is BLOCK_R rows of the flattened (b, h, n) index by all P pairs; each row's
+    # address comes from its own (b, h, n), so any strides of the first three dims work.
+    rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     pairs = tl.arange(0, BLOCK_P)
-    mask = (tokens < N)[:, None] & (pairs < P)[None, :]
-    t64 = tokens.to(tl.int64)[:, None]
-    x_ptr = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + t64 * sxn + pairs[None, :]
-    y_ptr = Y + b.to(tl.int64) * syb + h.to(tl.int64) * syh + t64 * syn + pairs[None, :]
+    mask = (rows < R)[:, None] & (pairs < P)[None, :]
+    n = rows % N
+    h = (rows // N) % H
+    b = rows // (N * H)
+    x_ptr = X + (b * sxb + h * sxh + n * sxn)[:, None] + pairs[None, :]
+    y_ptr = Y + (b * syb + h * syh + n * syn)[:, None] + pairs[None, :]
     x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + P, mask=mask, other=0.0).to(tl.float32)
-    cs_off = t64 * P + pairs[None, :]
+    cs_off = n[:, None] * P + pairs[None, :]
     cos = tl.load(COS + cs_off, mask=mask, other=0.0)
     sin = tl.load(SIN + cs_off, mask=mask, other=0.0) * sign
     tl.store(y_ptr, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
@@ -81,17 +86,15 @@ def _rope_tile(X, Y, COS, SIN, b, h, n0, N, P, sxb, sxh, sxn, syb, syh, syn, sig
 
 
 @triton.jit
-def _rope_qk(Q, K, QO, KO, COS, SIN, H, N, P, sqb, sqh, sqn, skb, skh, skn, sob, soh, son,
-             sign, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-    n0 = tl.program_id(0) * BLOCK_N
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    if tl.program_id(2) == 0:
-        _rope_tile(Q, QO, COS, SIN, b, h, n0, N, P, sqb, sqh, sqn, sob, soh, son, sign,
-                   BLOCK_N, BLOCK_P)
+def _rope_qk(Q, K, QO, KO, COS, SIN, R, H, N, P, sqb, sqh, sqn, skb, skh, skn, sob, soh, son,
+             sign, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    r0 = tl.program_id(0) * BLOCK_R
+    if tl.program_id(1) == 0:
+        _rope_tile(Q, QO, COS, SIN, r0, R, H, N, P, sqb, sqh, sqn, sob, soh, son, sign,
+                   BLOCK_R, BLOCK_P)
     else:
-        _rope_tile(K, KO, COS, SIN, b, h, n0, N, P, skb, skh, skn, sob, soh, son, sign,
-                   BLOCK_N, BLOCK_P)
+        _rope_tile(K, KO, COS, SIN, r0, R, H, N, P, skb, skh, skn, sob, soh, son, sign,
+                   BLOCK_R, BLOCK_P)
 
 
 def _as_bhnd(x: torch.Tensor) -> torch.Tensor:
@@ -114,12 +117,13 @@ def _rotate(q, k, cos, sin, sign):
     qo = torch.empty(q4.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(q4.shape, dtype=q.dtype, device=q.device) if k is not None else qo
     block_p = triton.next_power_of_2(P)
+    R = B * H * N
     cap = (1 << 16) if interpreted(q) else 2048
-    block_n = triton.next_power_of_2(max(1, min(N, cap // block_p)))
-    grid = (triton.cdiv(N, block_n), B * H, 2 if k is not None else 1)
-    if q4.numel():
-        _rope_qk[grid](q4, k4, qo, ko, cos, sin, H, N, P, *q4.stride()[:3], *k4.stride()[:3],
-                       *qo.stride()[:3], sign, BLOCK_N=block_n, BLOCK_P=block_p, num_warps=4)
+    block_r = triton.next_power_of_2(max(1, min(R, cap // block_p)))
+    grid = (triton.cdiv(R, block_r), 2 if k is not None else 1)
+    if R:
+        _rope_qk[grid](q4, k4, qo, ko, cos, sin, R, H, N, P, *q4.stride()[:3], *k4.stride()[:3],
+                       *qo.stride()[:3], sign, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
     return qo.view(q.shape), (ko.view(q.shape) if k is not None else None)
 
 
