@@ -99,13 +99,13 @@ def _check(x, weight, residual=None):
 def _forward(x, residual, weight, eps):
     x2 = as_rows(x)
     M, N = x2.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    if residual is not None:
+    if residual is not None:  # the stream (and the normed output) in the promoted dtype, as x + r
         r2 = as_rows(residual)
         summed = torch.empty((M, N), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
     else:
         r2 = summed = x2  # unused
+    y = torch.empty((M, N), dtype=summed.dtype, device=x.device)
     block_n = triton.next_power_of_2(N)
     block_m = min(rows_per_program(x, block_n), triton.next_power_of_2(max(M, 1)))
     if M:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from .utils import check_device, interpreted
+from .utils import autocast_inputs, check_device, interpreted
 
 
 def _as_video(x: torch.Tensor) -> torch.Tensor:
@@ -231,6 +231,7 @@ def tubelet_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Fused ``patchify(x) @ weight.T + bias`` -> ``(B, N, d)``, reading pixels in place."""
     check_device(x, weight)
     _check_embed(x, weight, bias, q, p)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     return TubeletEmbedFunction.apply(x, weight, bias, q, p)
 
 
@@ -249,4 +250,5 @@ def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                          f"(T, H, W) = {(T, H, W)}, got {tuple(h.shape)}")
     if bias is not None and tuple(bias.shape) != (K,):
         raise ValueError(f"tubelet_unembed expects bias ({K},), got {tuple(bias.shape)}")
+    h, weight, bias = autocast_inputs(h, weight, bias)
     return TubeletUnembedFunction.apply(h, weight, bias, q, p, T, H, W)

@@ -58,3 +58,17 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     return x.reshape(-1, x.shape[-1])
+
+
+def autocast_inputs(*tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for their device.
+
+    Custom autograd Functions bypass autocast; the GEMM kernels (tubelet embed / unembed)
+    call this so that under ``torch.autocast`` they compute in bf16 like the ``F.linear``
+    of the reference path, instead of silently in fp32.
+    """
+    device = next(t.device.type for t in tensors if t is not None)
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
