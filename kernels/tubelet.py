@@ -60,23 +60,36 @@ def tubelet_unembed_ref(h, weight, bias, q: int, p: int, T: int, H: int, W: int)
 
 
 @triton.jit
-def _offset_gemm(A, B, C, BIAS, A_ROW, A_COL, B_ROW, B_COL, C_ROW, C_COL, M, N, K,
+def _tile_offsets(ROW, COL, s0, s1, r, c, n_r, n_c, GATHER: tl.constexpr):
+    """Offsets of an operand's (r, c) tile. The pixel operand (GATHER) reads them from its
+    offset vectors (indices clamped in range; the caller masks the element access). A
+    strided operand computes them from its strides, from the raw indices, so Triton sees
+    the unit stride and vectorises the loads."""
+    if GATHER:
+        ro = tl.load(ROW + tl.minimum(r, n_r - 1))
+        co = tl.load(COL + tl.minimum(c, n_c - 1))
+    else:
+        ro = r.to(tl.int64) * s0
+        co = c.to(tl.int64) * s1
+    return ro[:, None] + co[None, :]
+
+
+@triton.jit
+def _offset_gemm(A, A_ROW, A_COL, sa0, sa1, B, B_ROW, B_COL, sb0, sb1,
+                 C, C_ROW, C_COL, sc0, sc1, BIAS, M, N, K,
+                 A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``C[m, n] = sum_k A[m, k] B[k, n] (+ bias[n])``, each operand's element (i, j) at
-    ``ROW[i] + COL[j]``; fp32 accumulation."""
+    """``C[m, n] = sum_k A[m, k] B[k, n] (+ bias[n])`` with fp32 accumulation; each operand
+    is strided or, for the pixel tensor, addressed through (row, col) offset vectors."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    a_row = tl.load(A_ROW + rm, mask=rm < M, other=0)
-    b_col = tl.load(B_COL + rn, mask=rn < N, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        a_col = tl.load(A_COL + rk, mask=rk < K, other=0)
-        b_row = tl.load(B_ROW + rk, mask=rk < K, other=0)
-        a = tl.load(A + a_row[:, None] + a_col[None, :],
+        a = tl.load(A + _tile_offsets(A_ROW, A_COL, sa0, sa1, rm, rk, M, K, A_GATHER),
                     mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-        b = tl.load(B + b_row[:, None] + b_col[None, :],
+        b = tl.load(B + _tile_offsets(B_ROW, B_COL, sb0, sb1, rk, rn, K, N, B_GATHER),
                     mask=(rk < K)[:, None] & (rn < N)[None, :], other=0.0)
         if UPCAST:
             # Triton's CPU interpreter mis-computes tl.dot on bf16 operands; bf16 x bf16
@@ -89,15 +102,20 @@ def _offset_gemm(A, B, C, BIAS, A_ROW, A_COL, B_ROW, B_COL, C_ROW, C_COL, M, N, 
             acc = tl.dot(a, b, acc)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    c_row = tl.load(C_ROW + rm, mask=rm < M, other=0)
-    c_col = tl.load(C_COL + rn, mask=rn < N, other=0)
-    tl.store(C + c_row[:, None] + c_col[None, :], acc.to(C.dtype.element_ty),
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
+    tl.store(C + _tile_offsets(C_ROW, C_COL, sc0, sc1, rm, rn, M, N, C_SCATTER),
+             acc.to(C.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-def _plain(t: torch.Tensor):
-    """Row and column offsets of a 2-D strided matrix."""
-    return _arange(t.shape[0], t.stride(0), t.device), _arange(t.shape[1], t.stride(1), t.device)
+def _strided(t: torch.Tensor, transpose: bool = False):
+    """A 2-D matrix operand (optionally its transpose) read through its strides."""
+    s0, s1 = t.stride()
+    return (t, None, None, s1, s0) if transpose else (t, None, None, s0, s1)
+
+
+def _pixels(x: torch.Tensor, q: int, p: int, transpose: bool = False):
+    """``patchify(x)`` (or its transpose) as an operand: x's storage at row + col offsets."""
+    rows, cols = _pixel_offsets(x, q, p)
+    return (x, cols, rows, 0, 0) if transpose else (x, rows, cols, 0, 0)
 
 
 def _arange(n, stride, device):
@@ -116,9 +134,13 @@ def _pixel_offsets(x: torch.Tensor, q: int, p: int):
     return rows, cols
 
 
-def _gemm(a, b, c, out, M, N, K, bias=None):
-    """``out = a @ b (+ bias)`` with a, b, out each given as (tensor, row offsets, col offsets)."""
-    (A, a_row, a_col), (B, b_row, b_col), (C, c_row, c_col) = a, b, c
+def _gemm(a, b, c, M, N, K, bias=None):
+    """``c = a @ b (+ bias)`` for operands made by :func:`_strided` / :func:`_pixels`."""
+    A, B, C = a[0], b[0], c[0]
+    gather = [op[1] is not None for op in (a, b, c)]
+    # unused offset-vector arguments get any tensor (the constexpr flags skip them)
+    a, b, c = ((op[0], op[1] if g else op[0], op[2] if g else op[0], op[3], op[4])
+               for op, g in zip((a, b, c), gather))
     interp = interpreted(C)
     ieee = interp or A.dtype == torch.float32
     if interp:
@@ -127,27 +149,26 @@ def _gemm(a, b, c, out, M, N, K, bias=None):
         bm, bn, bk, warps, stages = 128, 128, (32 if ieee else 64), 8, 3
     if M and N:
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-        _offset_gemm[grid](A, B, C, bias if bias is not None else C, a_row, a_col, b_row, b_col,
-                           c_row, c_col, M, N, K, HAS_BIAS=bias is not None, UPCAST=interp,
-                           IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        _offset_gemm[grid](*a, *b, *c, bias if bias is not None else C, M, N, K,
+                           A_GATHER=gather[0], B_GATHER=gather[1], C_SCATTER=gather[2],
+                           HAS_BIAS=bias is not None, UPCAST=interp, IEEE=ieee,
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
                            num_stages=stages)
-    return out
+    return C
 
 
 class TubeletEmbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, q, p):
         video = _as_video(x)
-        B, C, T, H, W = video.shape
         d, K = weight.shape
-        pix_rows, pix_cols = _pixel_offsets(video, q, p)
-        M = pix_rows.numel()
+        M = video.shape[0] * (video.shape[2] // q) * (video.shape[3] // p) * (video.shape[4] // p)
         out = torch.empty((M, d), dtype=x.dtype, device=x.device)
-        w_t = (weight, _arange(K, weight.stride(1), x.device), _arange(d, weight.stride(0), x.device))
-        _gemm((video, pix_rows, pix_cols), w_t, (out, *_plain(out)), out, M, d, K, bias)
+        # out (M, d) = patches (M, K) @ W^T (K, d) + b
+        _gemm(_pixels(video, q, p), _strided(weight, transpose=True), _strided(out), M, d, K, bias)
         ctx.save_for_backward(video, weight)
         ctx.meta = (x.shape, q, p, bias is not None)
-        return out.view(B, M // B, d)
+        return out.view(video.shape[0], M // video.shape[0], d)
 
     @staticmethod
     def backward(ctx, dy):
@@ -157,15 +178,13 @@ class TubeletEmbedFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, d)
         M = dy2.shape[0]
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # d patches (M, K) = dy (M, d) @ W (d, K), into pixels
             dx = torch.empty(video.shape, dtype=video.dtype, device=video.device)
-            _gemm((dy2, *_plain(dy2)), (weight, *_plain(weight)), (dx, *_pixel_offsets(dx, q, p)),
-                  dx, M, K, d)
+            _gemm(_strided(dy2), _strided(weight), _pixels(dx, q, p), M, K, d)
             dx = dx.view(x_shape)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # dW (d, K) = dy^T (d, M) @ patches (M, K)
             dw = torch.empty_like(weight)
-            dy_t = (dy2, _arange(d, dy2.stride(1), dy.device), _arange(M, dy2.stride(0), dy.device))
-            _gemm(dy_t, (video, *_pixel_offsets(video, q, p)), (dw, *_plain(dw)), dw, d, K, M)
+            _gemm(_strided(dy2, transpose=True), _pixels(video, q, p), _strided(dw), d, K, M)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0, dtype=torch.float32).to(weight.dtype)
         return dx, dw, db, None, None
@@ -175,13 +194,11 @@ class TubeletUnembedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, q, p, T, H, W):
         K, d = weight.shape
-        C = K // (q * p * p)
         h2 = h.reshape(-1, d)
         M = h2.shape[0]
-        B = M // ((T // q) * (H // p) * (W // p))
-        out = torch.empty((B, C, T, H, W), dtype=h.dtype, device=h.device)
-        w_t = (weight, _arange(d, weight.stride(1), h.device), _arange(K, weight.stride(0), h.device))
-        _gemm((h2, *_plain(h2)), w_t, (out, *_pixel_offsets(out, q, p)), out, M, K, d, bias)
+        out = torch.empty((h.shape[0], K // (q * p * p), T, H, W), dtype=h.dtype, device=h.device)
+        # patches (M, K) = h (M, d) @ W^T (d, K) + b, written into pixels
+        _gemm(_strided(h2), _strided(weight, transpose=True), _pixels(out, q, p), M, K, d, bias)
         ctx.save_for_backward(h2, weight)
         ctx.meta = (h.shape, q, p, bias is not None)
         return out
@@ -192,16 +209,14 @@ class TubeletUnembedFunction(torch.autograd.Function):
         h_shape, q, p, has_bias = ctx.meta
         K, d = weight.shape
         M = h2.shape[0]
-        pix_rows, pix_cols = _pixel_offsets(dpix, q, p)  # any strides of the incoming grad
         dh = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # dh (M, d) = d patches (M, K) @ W (K, d); any dpix strides
             dh = torch.empty((M, d), dtype=h2.dtype, device=h2.device)
-            _gemm((dpix, pix_rows, pix_cols), (weight, *_plain(weight)), (dh, *_plain(dh)),
-                  dh, M, d, K)
+            _gemm(_pixels(dpix, q, p), _strided(weight), _strided(dh), M, d, K)
             dh = dh.view(h_shape)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # dW (K, d) = d patches^T (K, M) @ h (M, d)
             dw = torch.empty_like(weight)
-            _gemm((dpix, pix_cols, pix_rows), (h2, *_plain(h2)), (dw, *_plain(dw)), dw, K, d, M)
+            _gemm(_pixels(dpix, q, p, transpose=True), _strided(h2), _strided(dw), K, d, M)
         if has_bias and ctx.needs_input_grad[2]:
             B, C, T, H, W = dpix.shape
             per_feature = dpix.view(B, C, T // q, q, H // p, p, W // p, p).sum(
