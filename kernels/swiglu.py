@@ -1,9 +1,24 @@
-"""SwiGLU gate (SPEC.md section 4): ``silu(gate) * up``."""
+"""SwiGLU gate (SPEC.md section 4): ``silu(gate) * up``.
+
+The model's MLP computes gate and up with one GEMM (``w13``) into a packed ``(..., 2h)``
+tensor; :func:`swiglu_packed` reads that tensor directly (gate = first half, up = second
+half) and its backward writes ``d(packed)`` in one buffer, so neither the ``chunk`` nor its
+backward's concatenation costs a copy. :func:`swiglu` takes gate and up as two tensors
+(any row stride, e.g. the two chunks of the packed tensor) through the same kernels.
+
+Math in fp32, one rounding at the store: with ``s = sigmoid(g)``,
+``y = g s u``, ``dg = dy u s (1 + g (1 - s))``, ``du = dy g s``. The backward recomputes
+``s`` from the inputs instead of saving the output.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .utils import as_rows, check_device, interpreted
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -11,4 +26,115 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-swiglu = swiglu_ref
+def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """Reference on the packed ``(..., 2h)`` output of ``w13``: gate first, then up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
+
+
+@triton.jit
+def _swiglu_fwd(G, U, Y, M, H, stride_g, stride_u, stride_y,
+                BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
+    mask = (rows < M) & (cols < H)
+    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(DY, G, U, DG, DU, M, H, stride_dy, stride_g, stride_u, stride_dg, stride_du,
+                BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]
+    mask = (rows < M) & (cols < H)
+    dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    du = dy * g * s
+    tl.store(DG + rows * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _grid(t, M, H):
+    block_h = min(triton.next_power_of_2(max(H, 1)), 1024)
+    if interpreted(t):  # few large programs (see utils.py)
+        block_m = triton.next_power_of_2(max(1, min(M, (1 << 16) // block_h)))
+    else:
+        block_m = max(1, 4096 // block_h)
+    return (triton.cdiv(M, block_m), triton.cdiv(H, block_h)), block_m, block_h
+
+
+def _fwd(g2, u2):
+    M, H = g2.shape
+    y = torch.empty((M, H), dtype=g2.dtype, device=g2.device)
+    grid, bm, bh = _grid(g2, M, H)
+    if M and H:
+        _swiglu_fwd[grid](g2, u2, y, M, H, g2.stride(0), u2.stride(0), y.stride(0),
+                          BLOCK_M=bm, BLOCK_H=bh, num_warps=4)
+    return y
+
+
+def _bwd(dy2, g2, u2, dg2, du2):
+    M, H = g2.shape
+    grid, bm, bh = _grid(g2, M, H)
+    if M and H:
+        _swiglu_bwd[grid](dy2, g2, u2, dg2, du2, M, H, dy2.stride(0), g2.stride(0), u2.stride(0),
+                          dg2.stride(0), du2.stride(0), BLOCK_M=bm, BLOCK_H=bh, num_warps=4)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        g2, u2 = as_rows(gate), as_rows(up)
+        ctx.save_for_backward(g2, u2)
+        ctx.shape = gate.shape
+        return _fwd(g2, u2).view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2 = ctx.saved_tensors
+        dg2, du2 = torch.empty_like(g2, memory_format=torch.contiguous_format), \
+            torch.empty_like(u2, memory_format=torch.contiguous_format)
+        _bwd(as_rows(dy), g2, u2, dg2, du2)
+        return dg2.view(ctx.shape), du2.view(ctx.shape)
+
+
+class SwiGLUPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gu = as_rows(gate_up)
+        H = gu.shape[1] // 2
+        ctx.save_for_backward(gu)
+        ctx.shape = gate_up.shape
+        return _fwd(gu[:, :H], gu[:, H:]).view(*gate_up.shape[:-1], H)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gu,) = ctx.saved_tensors
+        H = gu.shape[1] // 2
+        dgu = torch.empty(gu.shape, dtype=gu.dtype, device=gu.device)
+        _bwd(as_rows(dy), gu[:, :H], gu[:, H:], dgu[:, :H], dgu[:, H:])
+        return dgu.view(ctx.shape)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused ``silu(gate) * up`` for any leading shape; gate and up may be strided views."""
+    check_device(gate, up)
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu expects gate and up of one shape and dtype, got "
+                         f"{tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    return SwiGLUFunction.apply(gate, up)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """Fused SwiGLU on the packed ``(..., 2h)`` ``w13`` output -> ``(..., h)``."""
+    check_device(gate_up)
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu_packed expects an even last dim (gate and up halves), "
+                         f"got shape {tuple(gate_up.shape)}")
+    return SwiGLUPackedFunction.apply(gate_up)

@@ -4,13 +4,31 @@ SPEC.md section 4: the embed is ``patchify(x) @ W.T + b`` and the head is
 ``unpatchify(h @ W.T + b)``, with patchify
 ``rearrange(x, "b c (t q) (h p1) (w p2) -> b (t h w) (q p1 p2 c)")``. Images ``(B, 3, H, W)``
 are videos with T = 1 and q = 1.
+
+The fused versions never materialise the patch matrix. Both are GEMMs whose one side is
+the pixel tensor read (or written) through the patchify index map, and that map is
+separable: the element (token m, feature k) of ``patchify(x)`` sits at
+``row_offset[m] + col_offset[k]`` in x's storage, with
+``row_offset[(b, t, h, w)] = b sB + t q sT + h p sH + w p sW`` and
+``col_offset[(i, j, l, c)] = i sT + j sH + l sW + c sC``. So one GEMM kernel whose operands
+are each described by a row-offset and a column-offset vector covers all six products:
+the embed's forward (pixels x W^T), its dx (dY x W scattered into pixels) and dW
+(dY^T x pixels), and the head's forward (h x W^T scattered into pixels), dh and dW. For a
+plain strided matrix the offset vectors are ``arange * stride``. The vectors are tiny
+(tokens + features integers) next to the tensors they index.
+Every pixel belongs to exactly one tubelet, so the scatters write each pixel once: no
+atomics, no zero-fill. The bias gradients are plain reductions in torch.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from einops import rearrange
+
+from .utils import autocast_inputs, check_device, interpreted
 
 
 def _as_video(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +59,211 @@ def tubelet_unembed_ref(h, weight, bias, q: int, p: int, T: int, H: int, W: int)
     return unpatchify(F.linear(h, weight, bias), q, p, T, H, W, channels)
 
 
-# The fused Triton versions arrive with the kernels issue; until then the entry points
-# are the references, so the model's kernel path is already exercised end to end.
-tubelet_embed = tubelet_embed_ref
-tubelet_unembed = tubelet_unembed_ref
+@triton.jit
+def _tile_offsets(ROW, COL, s0, s1, r, c, n_r, n_c, GATHER: tl.constexpr):
+    """Offsets of an operand's (r, c) tile. The pixel operand (GATHER) reads them from its
+    offset vectors (indices clamped in range; the caller masks the element access). A
+    strided operand computes them from its strides, from the raw indices, so Triton sees
+    the unit stride and vectorises the loads."""
+    if GATHER:
+        ro = tl.load(ROW + tl.minimum(r, n_r - 1))
+        co = tl.load(COL + tl.minimum(c, n_c - 1))
+    else:
+        ro = r.to(tl.int64) * s0
+        co = c.to(tl.int64) * s1
+    return ro[:, None] + co[None, :]
+
+
+@triton.jit
+def _offset_gemm(A, A_ROW, A_COL, sa0, sa1, B, B_ROW, B_COL, sb0, sb1,
+                 C, C_ROW, C_COL, sc0, sc1, BIAS, M, N, K,
+                 A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``C[m, n] = sum_k A[m, k] B[k, n] (+ bias[n])`` with fp32 accumulation; each operand
+    is strided or, for the pixel tensor, addressed through (row, col) offset vectors."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(A + _tile_offsets(A_ROW, A_COL, sa0, sa1, rm, rk, M, K, A_GATHER),
+                    mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        b = tl.load(B + _tile_offsets(B_ROW, B_COL, sb0, sb1, rk, rn, K, N, B_GATHER),
+                    mask=(rk < K)[:, None] & (rn < N)[None, :], other=0.0)
+        if UPCAST:
+            # Triton's CPU interpreter mis-computes tl.dot on bf16 operands; bf16 x bf16
+            # products are exact in fp32, so the upcast computes the same sum.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:  # fp32 operands: full fp32 products, as torch's fp32 matmul (no TF32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(C + _tile_offsets(C_ROW, C_COL, sc0, sc1, rm, rn, M, N, C_SCATTER),
+             acc.to(C.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def _strided(t: torch.Tensor, transpose: bool = False):
+    """A 2-D matrix operand (optionally its transpose) read through its strides."""
+    s0, s1 = t.stride()
+    return (t, None, None, s1, s0) if transpose else (t, None, None, s0, s1)
+
+
+def _pixels(x: torch.Tensor, q: int, p: int, transpose: bool = False):
+    """``patchify(x)`` (or its transpose) as an operand: x's storage at row + col offsets."""
+    rows, cols = _pixel_offsets(x, q, p)
+    return (x, cols, rows, 0, 0) if transpose else (x, rows, cols, 0, 0)
+
+
+def _arange(n, stride, device):
+    return torch.arange(n, device=device, dtype=torch.int64) * stride
+
+
+def _pixel_offsets(x: torch.Tensor, q: int, p: int):
+    """Row (token) and column (feature) offsets of ``patchify(x)`` inside x's storage."""
+    B, C, T, H, W = x.shape
+    sB, sC, sT, sH, sW = x.stride()
+    dev = x.device
+    rows = (_arange(B, sB, dev)[:, None, None, None] + _arange(T // q, q * sT, dev)[:, None, None]
+            + _arange(H // p, p * sH, dev)[:, None] + _arange(W // p, p * sW, dev)).reshape(-1)
+    cols = (_arange(q, sT, dev)[:, None, None, None] + _arange(p, sH, dev)[:, None, None]
+            + _arange(p, sW, dev)[:, None] + _arange(C, sC, dev)).reshape(-1)
+    return rows, cols
+
+
+def _gemm(a, b, c, M, N, K, bias=None):
+    """``c = a @ b (+ bias)`` for operands made by :func:`_strided` / :func:`_pixels`."""
+    A, B, C = a[0], b[0], c[0]
+    gather = [op[1] is not None for op in (a, b, c)]
+    # unused offset-vector arguments get any tensor (the constexpr flags skip them)
+    a, b, c = ((op[0], op[1] if g else op[0], op[2] if g else op[0], op[3], op[4])
+               for op, g in zip((a, b, c), gather))
+    interp = interpreted(C)
+    ieee = interp or A.dtype == torch.float32
+    if interp:
+        bm, bn, bk, warps, stages = 64, 64, 64, 4, 1
+    else:
+        bm, bn, bk, warps, stages = 128, 128, (32 if ieee else 64), 8, 3
+    if M and N:
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        _offset_gemm[grid](*a, *b, *c, bias if bias is not None else C, M, N, K,
+                           A_GATHER=gather[0], B_GATHER=gather[1], C_SCATTER=gather[2],
+                           HAS_BIAS=bias is not None, UPCAST=interp, IEEE=ieee,
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                           num_stages=stages)
+    return C
+
+
+class TubeletEmbedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, q, p):
+        video = _as_video(x)
+        d, K = weight.shape
+        M = video.shape[0] * (video.shape[2] // q) * (video.shape[3] // p) * (video.shape[4] // p)
+        out = torch.empty((M, d), dtype=x.dtype, device=x.device)
+        # out (M, d) = patches (M, K) @ W^T (K, d) + b
+        _gemm(_pixels(video, q, p), _strided(weight, transpose=True), _strided(out), M, d, K, bias)
+        ctx.save_for_backward(video, weight)
+        ctx.meta = (x.shape, q, p, bias is not None)
+        return out.view(video.shape[0], M // video.shape[0], d)
+
+    @staticmethod
+    def backward(ctx, dy):
+        video, weight = ctx.saved_tensors
+        x_shape, q, p, has_bias = ctx.meta
+        d, K = weight.shape
+        dy2 = dy.reshape(-1, d)
+        M = dy2.shape[0]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # d patches (M, K) = dy (M, d) @ W (d, K), into pixels
+            dx = torch.empty(video.shape, dtype=video.dtype, device=video.device)
+            _gemm(_strided(dy2), _strided(weight), _pixels(dx, q, p), M, K, d)
+            dx = dx.view(x_shape)
+        if ctx.needs_input_grad[1]:  # dW (d, K) = dy^T (d, M) @ patches (M, K)
+            dw = torch.empty_like(weight)
+            _gemm(_strided(dy2, transpose=True), _pixels(video, q, p), _strided(dw), d, K, M)
+        if has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0, dtype=torch.float32).to(weight.dtype)
+        return dx, dw, db, None, None
+
+
+class TubeletUnembedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, q, p, T, H, W):
+        K, d = weight.shape
+        h2 = h.reshape(-1, d)
+        M = h2.shape[0]
+        out = torch.empty((h.shape[0], K // (q * p * p), T, H, W), dtype=h.dtype, device=h.device)
+        # patches (M, K) = h (M, d) @ W^T (d, K) + b, written into pixels
+        _gemm(_strided(h2), _strided(weight, transpose=True), _pixels(out, q, p), M, K, d, bias)
+        ctx.save_for_backward(h2, weight)
+        ctx.meta = (h.shape, q, p, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dpix):
+        h2, weight = ctx.saved_tensors
+        h_shape, q, p, has_bias = ctx.meta
+        K, d = weight.shape
+        M = h2.shape[0]
+        dh = dw = db = None
+        if ctx.needs_input_grad[0]:  # dh (M, d) = d patches (M, K) @ W (K, d); any dpix strides
+            dh = torch.empty((M, d), dtype=h2.dtype, device=h2.device)
+            _gemm(_pixels(dpix, q, p), _strided(weight), _strided(dh), M, d, K)
+            dh = dh.view(h_shape)
+        if ctx.needs_input_grad[1]:  # dW (K, d) = d patches^T (K, M) @ h (M, d)
+            dw = torch.empty_like(weight)
+            _gemm(_pixels(dpix, q, p, transpose=True), _strided(h2), _strided(dw), K, d, M)
+        if has_bias and ctx.needs_input_grad[2]:
+            B, C, T, H, W = dpix.shape
+            per_feature = dpix.view(B, C, T // q, q, H // p, p, W // p, p).sum(
+                (0, 2, 4, 6), dtype=torch.float32)  # (C, q, p, p)
+            db = per_feature.permute(1, 2, 3, 0).reshape(-1).to(weight.dtype)
+        return dh, dw, db, None, None, None, None, None
+
+
+def _check_embed(x, weight, bias, q, p):
+    if x.ndim not in (4, 5):
+        raise ValueError(f"tubelet_embed expects pixels (B, C, H, W) or (B, C, T, H, W), "
+                         f"got shape {tuple(x.shape)}")
+    video = _as_video(x)
+    _, C, T, H, W = video.shape
+    if T % q or H % p or W % p or min(T, H, W) == 0:
+        raise ValueError(f"tubelet_embed expects T divisible by q={q} and H, W by p={p}, "
+                         f"got (T, H, W) = {(T, H, W)}")
+    if weight.ndim != 2 or weight.shape[1] != q * p * p * C:
+        raise ValueError(f"tubelet_embed expects weight (d, q*p*p*C) = (d, {q * p * p * C}), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"tubelet_embed expects bias ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def tubelet_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  q: int, p: int) -> torch.Tensor:
+    """Fused ``patchify(x) @ weight.T + bias`` -> ``(B, N, d)``, reading pixels in place."""
+    check_device(x, weight)
+    _check_embed(x, weight, bias, q, p)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    return TubeletEmbedFunction.apply(x, weight, bias, q, p)
+
+
+def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    q: int, p: int, T: int, H: int, W: int) -> torch.Tensor:
+    """Fused ``unpatchify(h @ weight.T + bias)`` -> ``(B, C, T, H, W)``, written in place."""
+    check_device(h, weight)
+    K = weight.shape[0]
+    tokens = (T // q) * (H // p) * (W // p)
+    if T % q or H % p or W % p or K % (q * p * p) or tokens == 0:
+        raise ValueError(f"tubelet_unembed expects T divisible by q={q}, H and W by p={p} and "
+                         f"weight rows a multiple of q*p*p={q * p * p}, got (T, H, W) = {(T, H, W)} "
+                         f"and weight {tuple(weight.shape)}")
+    if h.shape[-1] != weight.shape[1] or h.ndim != 3 or h.shape[1] != tokens:
+        raise ValueError(f"tubelet_unembed expects h (B, {tokens}, {weight.shape[1]}) for "
+                         f"(T, H, W) = {(T, H, W)}, got {tuple(h.shape)}")
+    if bias is not None and tuple(bias.shape) != (K,):
+        raise ValueError(f"tubelet_unembed expects bias ({K},), got {tuple(bias.shape)}")
+    h, weight, bias = autocast_inputs(h, weight, bias)
+    return TubeletUnembedFunction.apply(h, weight, bias, q, p, T, H, W)

@@ -35,8 +35,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.use_kernels = use_kernels
 
-    def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps, self.use_kernels)
+    def forward(self, x, residual=None):
+        """``norm(x)``; or, given the residual stream, ``(norm(x + residual), x + residual)``
+        in one fused pass."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps, self.use_kernels)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, self.use_kernels)
 
 
 class Attention(nn.Module):
@@ -67,12 +71,18 @@ class SwiGLU(nn.Module):
         self.use_kernels = use_kernels
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(ops.swiglu(gate, up, self.use_kernels))
+        # the fused op reads the packed (gate, up) GEMM output directly
+        return self.w2(ops.swiglu_packed(self.w13(x), self.use_kernels))
 
 
 class Block(nn.Module):
-    """Llama block: pre-RMSNorm attention and pre-RMSNorm SwiGLU, each with a residual."""
+    """Llama block: pre-RMSNorm attention and pre-RMSNorm SwiGLU, each with a residual.
+
+    The residual adds are fused into the following norm (``add_rms_norm``), so a block
+    takes and returns the stream as a pair ``(x, residual)`` whose sum is the usual
+    ``x`` of an unfused block: ``residual`` is None for the first block, and the last
+    block's pair is summed by the transformer's final norm.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, eps: float, use_kernels: bool):
         super().__init__()
@@ -81,12 +91,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, eps, use_kernels)
         self.mlp = SwiGLU(dim, mlp_hidden, use_kernels)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, residual, cos, sin):
         with span("attention"):
-            x = x + self.attn(self.attn_norm(x), cos, sin)
+            h, residual = self._norm(self.attn_norm, x, residual)
+            x = self.attn(h, cos, sin)
         with span("mlp"):
-            x = x + self.mlp(self.mlp_norm(x))
-        return x
+            h, residual = self.mlp_norm(x, residual)
+            x = self.mlp(h)
+        return x, residual
+
+    @staticmethod
+    def _norm(norm, x, residual):
+        return (norm(x), x) if residual is None else norm(x, residual)
 
 
 class Transformer(nn.Module):
@@ -110,12 +126,13 @@ class Transformer(nn.Module):
 
     def forward(self, x, grid):
         cos, sin = rope_cos_sin(grid, self.head_dim, self.theta, device=x.device)
+        residual = None
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x, residual = checkpoint(block, x, residual, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
-        return self.norm(x)
+                x, residual = block(x, residual, cos, sin)
+        return Block._norm(self.norm, x, residual)[0]
 
 
 class DiagonalGaussian:

@@ -39,8 +39,18 @@ def rms_norm(x, weight, eps, use_kernels):
     return (K.rms_norm if _fused(use_kernels, x) else K.rms_norm_ref)(x, weight, eps)
 
 
+def add_rms_norm(x, residual, weight, eps, use_kernels):
+    """``(rms_norm(x + residual), x + residual)``: the pre-norm block's fused residual add."""
+    return (K.add_rms_norm if _fused(use_kernels, x) else K.add_rms_norm_ref)(x, residual, weight, eps)
+
+
 def swiglu(gate, up, use_kernels):
     return (K.swiglu if _fused(use_kernels, gate) else K.swiglu_ref)(gate, up)
+
+
+def swiglu_packed(gate_up, use_kernels):
+    """SwiGLU on the packed ``w13`` output ``(..., 2h)``: gate first, then up."""
+    return (K.swiglu_packed if _fused(use_kernels, gate_up) else K.swiglu_packed_ref)(gate_up)
 
 
 def rope_3d_qk(q, k, cos, sin, use_kernels):
