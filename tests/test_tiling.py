@@ -51,7 +51,7 @@ def test_seam_error_of_a_full_attention_model_is_bounded():
     rel = lambda a, b: ((a - b).pow(2).mean().sqrt() / b.std()).item()
     enc_blend = rel(model.encode(x, tile=32, overlap=16).mean, post.mean)
     enc_cut = rel(model.encode(x, tile=32, overlap=0).mean, post.mean)
-    assert enc_blend < 0.3  # measured 0.13 with this seed
+    assert enc_blend < 0.15  # measured 0.049 (hard cuts: 0.058)
     assert enc_blend < enc_cut
     out = model.decode(post.mean)
     dec_blend = rel(model.decode(post.mean, tile=32, overlap=16), out)

@@ -82,9 +82,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
+    from vitok_fast.evaluate import resolve_ckpt
     from vitok_fast.model import ViTok
 
-    model = ViTok.from_pretrained(args.ckpt, device=args.device,
+    model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
                                   **({"use_kernels": False} if args.no_kernels else {})).eval()
     n = decode_latents(model, args.latents, args.out, batch_size=args.batch_size,
                        sample=args.sample, max_samples=args.max_samples, device=args.device,

@@ -155,9 +155,10 @@ def main(argv=None) -> dict:
         raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
 
     from vitok_fast.data import make_dataset
+    from vitok_fast.evaluate import resolve_ckpt
     from vitok_fast.model import ViTok
 
-    model = ViTok.from_pretrained(args.ckpt, device=args.device,
+    model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
                                   **({"use_kernels": False} if args.no_kernels else {}))
     video = model.config.is_video
     resolution = args.resolution or (128 if video else 256)

@@ -137,6 +137,42 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     return results
 
 
+def resolve_ckpt(path) -> Path:
+    """A save_pretrained directory, or a training checkpoint holding exactly one such folder.
+
+    Training checkpoints keep the model's save_pretrained folder inside (next to optimizer
+    state); pointing at the outer folder is the common slip, so it is resolved when
+    unambiguous and otherwise answered with the candidates.
+    """
+    from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--ckpt expects a checkpoint directory written by save_pretrained, "
+                                f"got {path}, which is not a directory")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = sorted({c.parent for c in path.glob(f"*/{CONFIG_FILE}")} |
+                   {c.parent for c in path.glob(f"*/*/{CONFIG_FILE}")})
+    found = [f for f in found if (f / WEIGHTS_FILE).is_file()]
+    if len(found) == 1:
+        print(f"using the model checkpoint {found[0]}", file=sys.stderr)
+        return found[0]
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several model checkpoints; pass one of: "
+                         f"{', '.join(map(str, found))}")
+    return path  # from_pretrained names the missing config.json / model.safetensors
+
+
+def _skipped(dataset):
+    """Unreadable files the data pipeline skipped (it counts them), or None if it does not say."""
+    for name in ("skipped", "num_skipped", "skipped_count"):
+        value = getattr(dataset, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def format_table(results: dict) -> str:
     keys = [k for k in ("rfid", "rfvd", "psnr", "ssim", "lpips") if k in results]
     head = " | ".join(f"{k.upper():>8}" for k in keys)
@@ -186,10 +222,7 @@ def main(argv=None) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
 
-    ckpt = Path(args.ckpt)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"--ckpt expects a checkpoint directory written by save_pretrained, "
-                                f"got {ckpt}, which is not a directory")
+    ckpt = resolve_ckpt(args.ckpt)
     overrides = {"use_kernels": False} if args.no_kernels else {}
     model = ViTok.from_pretrained(ckpt, device=device, **overrides)
     cfg = model.config
@@ -218,6 +251,7 @@ def main(argv=None) -> dict:
         "ckpt": str(ckpt), "model": cfg.name, "channels": cfg.channels, "data": args.data,
         "resolution": resolution, "frames": frames, "E": cfg.E(frames, resolution, resolution),
         "sample": args.sample, "dtype": args.dtype, "tile": args.tile, **results,
+        "skipped_files": _skipped(dataset),
         "seconds": round(time.time() - start, 2),
         "protocol": {
             "quantized_uint8": True,

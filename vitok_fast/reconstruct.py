@@ -187,13 +187,14 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
+    from vitok_fast.evaluate import resolve_ckpt
     from vitok_fast.model import ViTok
 
     paths = [Path(f) for f in args.inputs]
     missing = [str(f) for f in paths if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"input files not found: {', '.join(missing)}")
-    model = ViTok.from_pretrained(args.ckpt, device=args.device,
+    model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
                                   **({"use_kernels": False} if args.no_kernels else {})).eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
