@@ -124,7 +124,7 @@ def test_encode_then_decode_round_trips_and_resumes(ckpt, tmp_path):
     dataset = make_dataset("embedded:val", 32, train=False)
     for i in range(3):
         expected = M.quantize(model.decode(model.encode(dataset[i][None]).mean))[0]
-        got = torch.from_numpy(np.asarray(Image.open(decoded / f"{i:06d}.png"))).permute(2, 0, 1)
+        got = torch.from_numpy(np.array(Image.open(decoded / f"{i:06d}.png"))).permute(2, 0, 1)
         assert (expected.int() - got.int()).abs().max() <= 1  # fp32 stored latents
 
     # an interrupted run (last shard lost, index not complete) resumes to the same files

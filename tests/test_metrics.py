@@ -118,17 +118,20 @@ def test_i3d_features_separate_clean_and_noisy_clips(tmp_path):
     path = tmp_path / M.I3D_FILE
     torch.save(i3d.state_dict(), path)
     loaded = M.load_i3d(path)  # the file round-trips through the loader
-    clips = torch.rand(2, 3, 16, 32, 32) * 2 - 1
+    clips = torch.randint(0, 256, (2, 3, 16, 32, 32), dtype=torch.uint8)
     real = M.i3d_features(loaded, clips)
     assert real.shape == (2, 400)
     assert torch.allclose(real, M.i3d_features(i3d.eval(), clips), atol=1e-6)
-    noisy = M.i3d_features(loaded, (clips + 0.5 * torch.randn_like(clips)).clamp(-1, 1))
+    noise = 0.5 * torch.randn(clips.shape)
+    noisy = M.i3d_features(loaded, M.quantize(M.dequantize(clips) + noise))
     sa, sb = M.FrechetStats(400), M.FrechetStats(400)
     sa.update(real), sb.update(noisy)
     assert abs(M.frechet_distance(sa, sa)) < 1e-9
     assert M.frechet_distance(sa, sb) > 0
     with pytest.raises(ValueError, match="at least 9 frames"):
         M.i3d_features(loaded, clips[:, :, :8])
+    with pytest.raises(ValueError, match="expected uint8 clips"):
+        M.i3d_features(loaded, clips.float())
 
 
 def test_missing_or_wrong_weights_name_the_expected_file(tmp_path):

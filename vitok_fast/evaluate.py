@@ -109,7 +109,7 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
                 real_stats, fake_stats = M.FrechetStats(fr.shape[1], device), M.FrechetStats(fr.shape[1], device)
             real_stats.update(fr), fake_stats.update(ffeat)
         if "fvd" in metrics:
-            fr, ffeat = M.i3d_features(i3d, M.dequantize(real_u8)), M.i3d_features(i3d, M.dequantize(fake_u8))
+            fr, ffeat = M.i3d_features(i3d, real_u8), M.i3d_features(i3d, fake_u8)
             if real_stats is None:
                 real_stats, fake_stats = M.FrechetStats(fr.shape[1], device), M.FrechetStats(fr.shape[1], device)
             real_stats.update(fr), fake_stats.update(ffeat)
@@ -257,7 +257,7 @@ def main(argv=None) -> dict:
             "quantized_uint8": True,
             "crop": f"shorter side to {resolution}, centre crop",
             "fid": f"torch-fidelity Inception-v3 2048-d pool ({M.INCEPTION_FILE}), TF1 bilinear resize to 299",
-            "fvd": f"I3D 400-d logits ({M.I3D_FILE}), bilinear resize to 224, [-1, 1]",
+            "fvd": f"I3D 400-d logits ({M.I3D_FILE}), TF1 bilinear resize to 224, [-1, 1]",
             "ssim": "Gaussian 11x11 sigma 1.5, per channel, per image (per frame)",
         },
     }

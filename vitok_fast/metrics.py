@@ -16,7 +16,7 @@ The protocol (docs/evaluation.md) in one place:
   tokenizer papers report. Its weights file comes from the user (no downloads).
 - FVD uses an I3D (Inception-v1 inflated to 3D, Kinetics-400) in plain PyTorch whose state
   dict matches ``i3d_pretrained_400.pt`` (the file VideoGPT / TATS use), its 400-d logits
-  on clips resized to 224x224 and scaled to [-1, 1], like the original TF FVD.
+  on clips resized to 224x224 (TF1 bilinear) and scaled to [-1, 1], like the original TF FVD.
 
 Frechet distances are computed from streaming sums (float64), so evaluation never holds
 all features, and sums all-reduce across ranks under torchrun.
@@ -322,16 +322,22 @@ def load_i3d(path: str | os.PathLike | None, device="cpu") -> I3D:
 
 
 @torch.no_grad()
-def i3d_features(model: I3D, clips: torch.Tensor) -> torch.Tensor:
-    """(B, 3, T, H, W) clips in [-1, 1] (already 8-bit quantised) -> (B, 400) logits."""
-    B, C, T, H, W = clips.shape
+def i3d_features(model: I3D, clips_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) uint8 clips -> (B, 400) I3D logits, preprocessed as the TF FVD does:
+    TF1 bilinear resize (align_corners=False) of every frame to 224x224, then to [-1, 1]."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    if clips_uint8.dtype != torch.uint8 or clips_uint8.ndim != 5:
+        raise ValueError(f"expected uint8 clips (B, 3, T, H, W), got {clips_uint8.dtype} of shape "
+                         f"{tuple(clips_uint8.shape)}")
+    B, C, T, H, W = clips_uint8.shape
     if T < 9:
         raise ValueError(f"FVD's I3D needs clips of at least 9 frames (16 by protocol), got {T}")
-    frames = clips.transpose(1, 2).reshape(B * T, C, H, W).float()
-    frames = F.interpolate(frames, size=(224, 224), mode="bilinear", align_corners=False)
-    x = frames.reshape(B, T, C, 224, 224).transpose(1, 2)
     param = next(model.parameters())
-    return model(x.to(param.device, param.dtype)).float()
+    frames = clips_uint8.transpose(1, 2).reshape(B * T, C, H, W).to(param.device, torch.float32)
+    frames = interpolate_bilinear_2d_like_tensorflow1x(frames, size=(224, 224), align_corners=False)
+    x = (2 * frames / 255 - 1).reshape(B, T, C, 224, 224).transpose(1, 2)
+    return model(x.to(param.dtype)).float()
 
 
 def dequantize(u: torch.Tensor) -> torch.Tensor:
