@@ -73,6 +73,10 @@ def test_reconstruct_round_trips_images_and_videos(ckpt, video_ckpt, tmp_path):
     expected = M.psnr(real, torch.from_numpy(recon).permute(2, 0, 1)[None]).item()
     assert scores[str(photo)] == pytest.approx(expected, abs=1e-6)
     assert json.loads((out / "psnr.json").read_text()) == scores
+    tiled = reconstruct.main(["--ckpt", str(ckpt), str(photo), "--out", str(tmp_path / "tiled"),
+                              "--tile", "32", "--overlap", "8", "--no-kernels", "--device", "cpu"])
+    assert np.array(Image.open(tmp_path / "tiled" / "chelsea_recon.png")).shape == (48, 64, 3)
+    assert tiled[str(photo)] != scores[str(photo)]  # tiles change what attention sees
     video, _ = reconstruct.read_video(out / "clip_compare.mp4")
     assert video.shape == (5, 32, 80, 3)  # an image model reconstructs frame by frame
     # a video model cuts the clip to whole tubelets (4 of 5 frames)

@@ -52,6 +52,23 @@ def test_evaluate_equals_scikit_image_and_lpips_package():
     assert "PSNR" in format_table(results)
 
 
+def test_evaluate_streams_and_max_samples_give_the_map_style_numbers():
+    model = ViTok.from_name("T-T/8", use_kernels=False).eval()
+    images = [torch.rand(3, 16, 16) * 2 - 1 for _ in range(5)]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(images)
+
+    kw = dict(metrics=("psnr", "ssim"), batch_size=3, progress=False)
+    first4 = evaluate(model, images[:4], **kw)
+    streamed = evaluate(model, Stream(), max_samples=4, num_workers=2, **kw)
+    assert streamed["num_samples"] == 4
+    assert abs(streamed["psnr"] - first4["psnr"]) < 1e-9
+    assert abs(streamed["ssim"] - first4["ssim"]) < 1e-9
+    assert evaluate(model, images, **kw)["psnr"] != first4["psnr"]
+
+
 @torch.no_grad()
 def test_evaluate_videos_per_frame_metrics_and_rfvd():
     torch.manual_seed(0)

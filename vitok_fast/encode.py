@@ -62,7 +62,10 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
             print(f"{out} is already complete ({index['num_samples']} items)", file=sys.stderr)
             return index
     done = index["num_samples"]  # items in complete shards, all before any partial one
-    total = len(dataset) if hasattr(dataset, "__len__") else None
+    try:
+        total = len(dataset)
+    except TypeError:  # a stream of unknown length
+        total = None
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
     if isinstance(dataset, torch.utils.data.IterableDataset):
