@@ -28,6 +28,12 @@ def video_ckpt(tmp_path_factory):
     return path
 
 
+def _val_items(resolution=32):
+    """The held-out photos through the data contract only (map-style or stream alike)."""
+    dataset = make_dataset("embedded:val", resolution, train=False)
+    return list(torch.utils.data.DataLoader(dataset, batch_size=None))
+
+
 EVAL = ["--data", "embedded:val", "--resolution", "32", "--no-kernels", "--num-workers", "0",
         "--device", "cpu"]
 
@@ -38,7 +44,7 @@ def test_evaluate_cli_prints_a_table_and_writes_json(ckpt, tmp_path, capsys):
     main_results = evaluate.main(["--ckpt", str(ckpt), *EVAL, "--metrics", "psnr,ssim,fid",
                                   "--inception", str(inception), "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["num_samples"] == 3 and saved["E"] == 4 * 4 * 16
+    assert saved["num_samples"] == len(_val_items()) and saved["E"] == 4 * 4 * 16
     assert saved["rfid"] == pytest.approx(main_results["rfid"]) and saved["rfid"] > 0
     assert 0 < saved["psnr"] < 60 and -1 < saved["ssim"] < 1
     assert "RFID" in capsys.readouterr().out
@@ -117,29 +123,31 @@ def test_reconstruct_bad_inputs_give_clear_errors(ckpt, video_ckpt, tmp_path):
 @torch.no_grad()
 def test_encode_then_decode_round_trips_and_resumes(ckpt, tmp_path):
     latents, decoded = tmp_path / "latents", tmp_path / "decoded"
+    items = _val_items()
+    n = len(items)
+    assert n >= 2, "the contract's embedded:val should hold a few photos"
+    shard = str((n + 1) // 2)  # two shards, the last one possibly short
     common = ["--ckpt", str(ckpt), "--no-kernels", "--device", "cpu"]
     index = encode.main([*common, "--data", "embedded:val", "--resolution", "32", "--out",
-                         str(latents), "--shard-size", "2", "--batch-size", "3", "--num-workers", "0"])
-    assert [s["count"] for s in index["shards"]] == [2, 1] and index["complete"]
-    n = decode.main([*common, "--latents", str(latents), "--out", str(decoded)])
-    assert n == 3
+                         str(latents), "--shard-size", shard, "--batch-size", "3", "--num-workers", "0"])
+    assert [s["count"] for s in index["shards"]] == [(n + 1) // 2, n // 2] and index["complete"]
+    assert decode.main([*common, "--latents", str(latents), "--out", str(decoded)]) == n
 
     model = ViTok.from_pretrained(ckpt, use_kernels=False).eval()
-    dataset = make_dataset("embedded:val", 32, train=False)
-    for i in range(3):
-        expected = M.quantize(model.decode(model.encode(dataset[i][None]).mean))[0]
+    for i, x in enumerate(items):
+        expected = M.quantize(model.decode(model.encode(x[None]).mean))[0]
         got = torch.from_numpy(np.array(Image.open(decoded / f"{i:06d}.png"))).permute(2, 0, 1)
         assert (expected.int() - got.int()).abs().max() <= 1  # fp32 stored latents
 
     # an interrupted run (last shard lost, index not complete) resumes to the same files
     first = (latents / encode.shard_name(1)).read_bytes()
     state = json.loads((latents / "index.json").read_text())
-    state.update(complete=False, shards=state["shards"][:1], num_samples=2)
+    state.update(complete=False, shards=state["shards"][:1], num_samples=(n + 1) // 2)
     (latents / "index.json").write_text(json.dumps(state))
     (latents / encode.shard_name(1)).unlink()
     index = encode.main([*common, "--data", "embedded:val", "--resolution", "32", "--out",
-                         str(latents), "--shard-size", "2", "--num-workers", "0"])
-    assert index["num_samples"] == 3 and (latents / encode.shard_name(1)).read_bytes() == first
+                         str(latents), "--shard-size", shard, "--num-workers", "0"])
+    assert index["num_samples"] == n and (latents / encode.shard_name(1)).read_bytes() == first
 
     with pytest.raises(ValueError, match="another run"):
         encode.main([*common, "--data", "embedded:val", "--resolution", "64", "--out", str(latents)])

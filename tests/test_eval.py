@@ -31,21 +31,22 @@ def test_evaluate_equals_scikit_image_and_lpips_package():
     dataset = make_dataset("embedded:val", 32, train=False)
     ours = load_lpips(pretrained_backbone=False)
     results = evaluate(model, dataset, metrics=("psnr", "ssim", "lpips"), batch_size=2,
-                       lpips_model=ours, progress=False)  # 3 items: a ragged last batch
+                       lpips_model=ours, progress=False)  # an odd count gives a ragged last batch
 
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
         reference = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
     reference.load_state_dict(ours.state_dict())  # same random backbone, the package's code
     p, s, l = [], [], []
-    for i in range(len(dataset)):
-        x = dataset[i][None]
+    items = list(torch.utils.data.DataLoader(dataset, batch_size=None))  # contract only
+    for x in items:
+        x = x[None]
         real, fake = M.quantize(x)[0], M.quantize(model(x, sample=False)[0])[0]
         p.append(peak_signal_noise_ratio(_hwc(real), _hwc(fake), data_range=255))
         s.append(structural_similarity(_hwc(real), _hwc(fake), gaussian_weights=True, sigma=1.5,
                                        use_sample_covariance=False, data_range=255, channel_axis=-1))
         l.append(reference(M.dequantize(real)[None], M.dequantize(fake)[None]).item())
-    assert results["num_samples"] == 3
+    assert results["num_samples"] == len(items)
     assert abs(results["psnr"] - np.mean(p)) < 1e-4
     assert abs(results["ssim"] - np.mean(s)) < 1e-3
     assert abs(results["lpips"] - np.mean(l)) < 1e-5
@@ -108,7 +109,7 @@ def test_two_gloo_ranks_give_the_single_process_numbers(tmp_path):
                     "--standalone", "-m", "vitok_fast.evaluate", *common, "--out", str(two)],
                    check=True, env=env, capture_output=True)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert a["num_samples"] == b["num_samples"] == 3
+    assert a["num_samples"] == b["num_samples"] >= 2
     assert abs(a["psnr"] - b["psnr"]) < 1e-9 and abs(a["ssim"] - b["ssim"]) < 1e-9
 
 
