@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from vitok_fast import metrics as M
@@ -42,8 +43,6 @@ def _shard(dataset, rank: int, world: int, max_samples: int | None):
 
 
 def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -78,24 +77,33 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     loader = torch.utils.data.DataLoader(_shard(dataset, rank, world, max_samples),
                                          batch_size=batch_size, num_workers=num_workers)
     model.eval()
+    # per-frame metrics treat a (B, 3, T, H, W) clip as B*T images
+    frames = (lambda u: u.transpose(1, 2).flatten(0, 1)) if video else (lambda u: u)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips, frames
     samples = torch.zeros((), dtype=torch.float64, device=device)
-    real_stats = fake_stats = None
+    # Frechet statistics exist on every rank from the start, so that all ranks join the
+    # all-reduce even when one of them got no items
+    if "fid" in metrics:
+        features, dim = (lambda u: M.inception_features(inception, u)), 2048
+    elif "fvd" in metrics:
+        features, dim = (lambda u: M.i3d_features(i3d, u)), 400
+    else:
+        features, dim = None, 0
+    real_stats, fake_stats = M.FrechetStats(dim, device), M.FrechetStats(dim, device)
+
     for x in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0):
-        expected = 5 if video else 4
-        if x.ndim != expected:
-            raise ValueError(f"expected data items of {expected - 1} dims ({'(3, T, H, W) clips' if video else '(3, H, W) images'}) "
-                             f"for {model.config.name}, got a batch of shape {tuple(x.shape)}")
+        if x.ndim != (5 if video else 4):
+            raise ValueError(
+                f"expected data items {'(3, T, H, W) clips' if video else '(3, H, W) images'} for "
+                f"{model.config.name}, got a batch of shape {tuple(x.shape)}")
         x = x.to(device)
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             posterior = model.encode(x, tile=tile, overlap=overlap)
             z = posterior.sample() if sample else posterior.mode()
             recon = model.decode(z, tile=tile, overlap=overlap)
         real_u8, fake_u8 = M.quantize(x), M.quantize(recon)
-        samples += x.shape[0]
-        # per-frame metrics treat a (B, 3, T, H, W) clip as B*T images
-        frames = lambda u: u.transpose(1, 2).flatten(0, 1) if video else u
         rf, ff = frames(real_u8), frames(fake_u8)
+        samples += x.shape[0]
         sums[3] += rf.shape[0]
         if "psnr" in metrics:
             sums[0] += M.psnr(rf, ff).sum()
@@ -103,23 +111,12 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
             sums[1] += M.ssim(rf, ff).sum()
         if "lpips" in metrics:
             sums[2] += lpips_model(M.dequantize(rf), M.dequantize(ff)).double().sum()
-        if "fid" in metrics:
-            fr, ffeat = M.inception_features(inception, rf), M.inception_features(inception, ff)
-            if real_stats is None:
-                real_stats, fake_stats = M.FrechetStats(fr.shape[1], device), M.FrechetStats(fr.shape[1], device)
-            real_stats.update(fr), fake_stats.update(ffeat)
-        if "fvd" in metrics:
-            fr, ffeat = M.i3d_features(i3d, real_u8), M.i3d_features(i3d, fake_u8)
-            if real_stats is None:
-                real_stats, fake_stats = M.FrechetStats(fr.shape[1], device), M.FrechetStats(fr.shape[1], device)
-            real_stats.update(fr), fake_stats.update(ffeat)
-
-    import torch.distributed as dist
+        if features is not None:  # FID on images, FVD on whole clips
+            real_stats.update(features(real_u8)), fake_stats.update(features(fake_u8))
 
     if world > 1:
         dist.all_reduce(sums), dist.all_reduce(samples)
-        if real_stats is not None:
-            real_stats.all_reduce(), fake_stats.all_reduce()
+        real_stats.all_reduce(), fake_stats.all_reduce()
     n, count = int(samples.item()), sums[3].item()
     if n == 0:
         raise ValueError("the data set gave no items to evaluate")
@@ -210,8 +207,6 @@ def main(argv=None) -> dict:
     from vitok_fast.data import make_dataset
     from vitok_fast.model import ViTok
     from vitok_fast.perceptual import load_lpips
-
-    import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device)
