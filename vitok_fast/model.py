@@ -231,7 +231,12 @@ class ViTok(nn.Module):
 
     # -- the autoencoder ------------------------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def encode(self, x: torch.Tensor, tile=None, overlap=None) -> DiagonalGaussian:
+        """``tile``/``overlap`` (pixels; (frames, h, w) for videos) encode big inputs in
+        overlapping pieces blended across the seams: see vitok_fast/tiling.py."""
+        if tile is not None:
+            from vitok_fast.tiling import tiled_encode
+            return tiled_encode(self, x, tile, overlap)
         self._check_pixels(x)
         video = x if x.ndim == 5 else x.unsqueeze(2)
         grid = self.config.grid(*video.shape[2:])
@@ -242,7 +247,10 @@ class ViTok(nn.Module):
         to_latent = lambda m: rearrange(m, layout, t=grid[0], h=grid[1], w=grid[2])
         return DiagonalGaussian(to_latent(mean), to_latent(logvar))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile=None, overlap=None) -> torch.Tensor:
+        if tile is not None:
+            from vitok_fast.tiling import tiled_decode
+            return tiled_decode(self, z, tile, overlap)
         self._check_latent(z)
         video = z if z.ndim == 5 else z.unsqueeze(2)
         grid = tuple(video.shape[2:])

@@ -1,0 +1,274 @@
+"""Reconstruction quality of a ViTok checkpoint on a data set, at the paper's protocol.
+
+    python -m vitok_fast.evaluate --ckpt runs/s1/final --data /data/imagenet/val \\
+        --inception weights-inception-2015-12-05-6726825d.pth --lpips-vgg vgg16-397923af.pth
+    torchrun --nproc_per_node 8 -m vitok_fast.evaluate --ckpt ... --data ...   # sharded
+
+Images: rFID, PSNR, SSIM, LPIPS at 256p (or --resolution 512) centre crops. Videos (a model
+with tubelets of q > 1 frames): rFVD on 16x128x128 clips, PSNR, SSIM and LPIPS per frame.
+Prints a table and writes JSON; the metric definitions are in vitok_fast/metrics.py and
+docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from vitok_fast import metrics as M
+
+IMAGE_METRICS = ("psnr", "ssim", "lpips", "fid")
+VIDEO_METRICS = ("psnr", "ssim", "lpips", "fvd")
+
+
+def _shard(dataset, rank: int, world: int, max_samples: int | None):
+    """Items rank, rank + world, ... of the first max_samples (every rank sees distinct items)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        class _Strided(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                items = itertools.islice(dataset, max_samples)
+                return itertools.islice(items, rank, None, world)
+        return _Strided()
+    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    return torch.utils.data.Subset(dataset, range(rank, n, world))
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu",
+             lpips_model=None, inception=None, i3d=None, num_workers: int = 0,
+             max_samples: int | None = None, sample: bool = False, tile=None, overlap=None,
+             autocast_dtype=None, progress: bool = True) -> dict:
+    """Reconstruct every item of ``dataset`` and return the mean metrics over all ranks.
+
+    ``dataset`` items are (3, H, W) images or (3, T, H, W) clips in [-1, 1] (the data
+    contract). The networks for LPIPS / FID / FVD must be given when their metric is asked.
+    """
+    video = model.config.is_video
+    metrics = tuple(metrics or (VIDEO_METRICS if video else IMAGE_METRICS))
+    allowed = VIDEO_METRICS if video else IMAGE_METRICS
+    unknown = [m for m in metrics if m not in allowed]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown} for a {'video' if video else 'image'} model; "
+                         f"expected a subset of {list(allowed)}")
+    needs = {"lpips": lpips_model, "fid": inception, "fvd": i3d}
+    for name, net in needs.items():
+        if name in metrics and net is None:
+            raise ValueError(f"metric {name!r} asked for but no network for it was given")
+
+    rank, world = _distributed()
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        # several workers would each replay the whole stream: one worker keeps it exact
+        num_workers = min(num_workers, 1)
+    loader = torch.utils.data.DataLoader(_shard(dataset, rank, world, max_samples),
+                                         batch_size=batch_size, num_workers=num_workers)
+    model.eval()
+    # per-frame metrics treat a (B, 3, T, H, W) clip as B*T images
+    frames = (lambda u: u.transpose(1, 2).flatten(0, 1)) if video else (lambda u: u)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips, frames
+    samples = torch.zeros((), dtype=torch.float64, device=device)
+    # Frechet statistics exist on every rank from the start, so that all ranks join the
+    # all-reduce even when one of them got no items
+    if "fid" in metrics:
+        features, dim = (lambda u: M.inception_features(inception, u)), 2048
+    elif "fvd" in metrics:
+        features, dim = (lambda u: M.i3d_features(i3d, u)), 400
+    else:
+        features, dim = None, 0
+    real_stats, fake_stats = M.FrechetStats(dim, device), M.FrechetStats(dim, device)
+
+    for x in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0):
+        if x.ndim != (5 if video else 4):
+            raise ValueError(
+                f"expected data items {'(3, T, H, W) clips' if video else '(3, H, W) images'} for "
+                f"{model.config.name}, got a batch of shape {tuple(x.shape)}")
+        x = x.to(device)
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            posterior = model.encode(x, tile=tile, overlap=overlap)
+            z = posterior.sample() if sample else posterior.mode()
+            recon = model.decode(z, tile=tile, overlap=overlap)
+        real_u8, fake_u8 = M.quantize(x), M.quantize(recon)
+        rf, ff = frames(real_u8), frames(fake_u8)
+        samples += x.shape[0]
+        sums[3] += rf.shape[0]
+        if "psnr" in metrics:
+            sums[0] += M.psnr(rf, ff).sum()
+        if "ssim" in metrics:
+            sums[1] += M.ssim(rf, ff).sum()
+        if "lpips" in metrics:
+            sums[2] += lpips_model(M.dequantize(rf), M.dequantize(ff)).double().sum()
+        if features is not None:  # FID on images, FVD on whole clips
+            real_stats.update(features(real_u8)), fake_stats.update(features(fake_u8))
+
+    if world > 1:
+        dist.all_reduce(sums), dist.all_reduce(samples)
+        real_stats.all_reduce(), fake_stats.all_reduce()
+    n, count = int(samples.item()), sums[3].item()
+    if n == 0:
+        raise ValueError("the data set gave no items to evaluate")
+    results = {"num_samples": n}
+    if "psnr" in metrics:
+        results["psnr"] = sums[0].item() / count
+    if "ssim" in metrics:
+        results["ssim"] = sums[1].item() / count
+    if "lpips" in metrics:
+        results["lpips"] = sums[2].item() / count
+    if "fid" in metrics:
+        results["rfid"] = M.frechet_distance(real_stats, fake_stats)
+    if "fvd" in metrics:
+        results["rfvd"] = M.frechet_distance(real_stats, fake_stats)
+    return results
+
+
+def resolve_ckpt(path) -> Path:
+    """A save_pretrained directory, or a training checkpoint holding exactly one such folder.
+
+    Training checkpoints keep the model's save_pretrained folder inside (next to optimizer
+    state); pointing at the outer folder is the common slip, so it is resolved when
+    unambiguous and otherwise answered with the candidates.
+    """
+    from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--ckpt expects a checkpoint directory written by save_pretrained, "
+                                f"got {path}, which is not a directory")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = sorted({c.parent for c in path.glob(f"*/{CONFIG_FILE}")} |
+                   {c.parent for c in path.glob(f"*/*/{CONFIG_FILE}")})
+    found = [f for f in found if (f / WEIGHTS_FILE).is_file()]
+    if len(found) == 1:
+        print(f"using the model checkpoint {found[0]}", file=sys.stderr)
+        return found[0]
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several model checkpoints; pass one of: "
+                         f"{', '.join(map(str, found))}")
+    return path  # from_pretrained names the missing config.json / model.safetensors
+
+
+def _skipped(dataset):
+    """Unreadable files the data pipeline skipped (it counts them), or None if it does not say."""
+    for name in ("skipped", "num_skipped", "skipped_count"):
+        value = getattr(dataset, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def format_table(results: dict) -> str:
+    keys = [k for k in ("rfid", "rfvd", "psnr", "ssim", "lpips") if k in results]
+    head = " | ".join(f"{k.upper():>8}" for k in keys)
+    row = " | ".join(f"{results[k]:8.4f}" for k in keys)
+    return f"{head}\n{'-' * len(head)}\n{row}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
+    p.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
+    p.add_argument("--resolution", type=int, help="centre-crop size (default 256 images, 128 videos)")
+    p.add_argument("--frames", type=int, help="frames per clip for video models (default 16)")
+    p.add_argument("--metrics", help=f"comma-separated subset (images: {','.join(IMAGE_METRICS)}; "
+                                     f"videos: {','.join(VIDEO_METRICS)}); default all")
+    p.add_argument("--inception", help=f"FID Inception weights ({M.INCEPTION_FILE})")
+    p.add_argument("--i3d", help=f"FVD I3D weights ({M.I3D_FILE})")
+    p.add_argument("--lpips-vgg", help="VGG16 weights for LPIPS (vgg16-397923af.pth)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--max-samples", type=int, help="evaluate only the first N items")
+    p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the mean")
+    p.add_argument("--tile", type=int, help="encode/decode in tiles of this many pixels")
+    p.add_argument("--overlap", type=int, help="tile overlap in pixels (default tile/4)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
+    p.add_argument("--no-kernels", action="store_true", help="plain PyTorch ops instead of Triton")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from vitok_fast.data import make_dataset
+    from vitok_fast.model import ViTok
+    from vitok_fast.perceptual import load_lpips
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    ckpt = resolve_ckpt(args.ckpt)
+    overrides = {"use_kernels": False} if args.no_kernels else {}
+    model = ViTok.from_pretrained(ckpt, device=device, **overrides)
+    cfg = model.config
+    video = cfg.is_video
+    metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else (
+        VIDEO_METRICS if video else IMAGE_METRICS)
+    # every weight file is checked before the first batch, not after an hour of features
+    inception = M.load_inception(args.inception, device) if "fid" in metrics else None
+    i3d = M.load_i3d(args.i3d, device) if "fvd" in metrics else None
+    try:
+        lpips_model = load_lpips(args.lpips_vgg, device=device) if "lpips" in metrics else None
+    except FileNotFoundError as e:  # the loader's advice is for training; say it for evaluation
+        raise FileNotFoundError(f"{str(e).split(' and pass its path')[0]} and pass its path with "
+                                f"--lpips-vgg PATH, or leave LPIPS out with --metrics") from None
+
+    resolution = args.resolution or (128 if video else 256)
+    frames = args.frames or (16 if video else 1)
+    dataset = make_dataset(args.data, resolution, frames, train=False)
+    start = time.time()
+    results = evaluate(model, dataset, metrics=metrics, batch_size=args.batch_size, device=device,
+                       lpips_model=lpips_model, inception=inception, i3d=i3d,
+                       num_workers=args.num_workers, max_samples=args.max_samples,
+                       sample=args.sample, tile=args.tile, overlap=args.overlap,
+                       autocast_dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    results = {
+        "ckpt": str(ckpt), "model": cfg.name, "channels": cfg.channels, "data": args.data,
+        "resolution": resolution, "frames": frames, "E": cfg.E(frames, resolution, resolution),
+        "sample": args.sample, "dtype": args.dtype, "tile": args.tile, **results,
+        "skipped_files": _skipped(dataset),
+        "seconds": round(time.time() - start, 2),
+        "protocol": {
+            "quantized_uint8": True,
+            "crop": f"shorter side to {resolution}, centre crop",
+            "fid": f"torch-fidelity Inception-v3 2048-d pool ({M.INCEPTION_FILE}), TF1 bilinear resize to 299",
+            "fvd": f"I3D 400-d logits ({M.I3D_FILE}), TF1 bilinear resize to 224, [-1, 1]",
+            "ssim": "Gaussian 11x11 sigma 1.5, per channel, per image (per frame)",
+        },
+    }
+    if rank == 0:
+        print(format_table(results))
+        out = Path(args.out) if args.out else ckpt / (
+            f"eval_{Path(args.data.rstrip('/')).name.replace(':', '-')}_{resolution}p.json")
+        from vitok_fast.model import _atomic_write
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
+        print(f"wrote {out}", file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()
