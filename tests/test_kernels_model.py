@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from vitok_fast.model import ViTok
+from _kernel_bounds import one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [("T-T/8", (2, 3, 32, 32)), ("T-T/2x8", (1, 3, 4, 16, 16))]
 
