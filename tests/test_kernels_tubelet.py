@@ -115,3 +115,8 @@ def test_tubelet_rejects_bad_shapes():
         tubelet_embed(torch.randn(1, 3, 16, 16), torch.randn(8, 191), None, 1, 8)
     with pytest.raises(ValueError, match=r"expects h \(B, 4, 8\)"):
         tubelet_unembed(torch.randn(1, 5, 8), torch.randn(192, 8), None, 1, 8, 1, 16, 16)
+
+
+def test_tubelet_rejects_mixed_dtypes():
+    with pytest.raises(ValueError, match="one dtype"):
+        tubelet_embed(torch.randn(1, 3, 16, 16), torch.randn(8, 192).bfloat16(), None, 1, 8)
