@@ -60,15 +60,17 @@ def _rms_norm_fwd(X, R, W, Y, S, RSTD, M, N, stride_x, stride_r, stride_y, strid
 
 @triton.jit
 def _rms_norm_bwd(DY, X, W, RSTD, DS, DX, DW_PARTIAL, M, N, stride_dy, stride_x, stride_ds,
-                  stride_dx, HAS_DSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  stride_dx, programs, iters, HAS_DSUM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # Persistent loop: program `pid` takes row blocks pid, pid + programs, ...
-    for start in range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
+    # Persistent loop: program `pid` takes row blocks pid, pid + programs, ... (`iters` of
+    # them, the last possibly past M: masked)
+    for it in range(iters):
+        rows = (pid + it * programs) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows64 = rows.to(tl.int64)[:, None]
         mask = (rows < M)[:, None] & col_mask[None, :]
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -128,7 +130,8 @@ def _backward(dy, x, weight, rstd, dsum):
     if M:
         _rms_norm_bwd[(programs,)](
             dy2, x2, weight, rstd, ds2, dx, dw_partial, M, N, dy2.stride(0), x2.stride(0),
-            ds2.stride(0), dx.stride(0), HAS_DSUM=dsum is not None, BLOCK_M=block_m,
+            ds2.stride(0), dx.stride(0), programs, triton.cdiv(triton.cdiv(M, block_m), programs),
+            HAS_DSUM=dsum is not None, BLOCK_M=block_m,
             BLOCK_N=block_n, num_warps=8 if block_n >= 2048 else 4)
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 

@@ -22,6 +22,8 @@ atomics, no zero-fill. The bias gradients are plain reductions in torch.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -106,16 +108,28 @@ def _offset_gemm(A, A_ROW, A_COL, sa0, sa1, B, B_ROW, B_COL, sb0, sb1,
              acc.to(C.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-def _strided(t: torch.Tensor, transpose: bool = False):
-    """A 2-D matrix operand (optionally its transpose) read through its strides."""
-    s0, s1 = t.stride()
-    return (t, None, None, s1, s0) if transpose else (t, None, None, s0, s1)
+class _Operand(NamedTuple):
+    """A GEMM operand: the tensor, and how element (i, j) is found in it — through the
+    offset vectors ``rows[i] + cols[j]`` (``gather``, the pixel tensor) or the strides
+    ``i * s0 + j * s1``. Unused fields hold placeholders the kernel never reads."""
+    tensor: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    s0: int
+    s1: int
+    gather: bool
 
 
-def _pixels(x: torch.Tensor, q: int, p: int, transpose: bool = False):
-    """``patchify(x)`` (or its transpose) as an operand: x's storage at row + col offsets."""
+def _strided(t: torch.Tensor, transpose: bool = False) -> _Operand:
+    """A 2-D matrix (or its transpose) read through its strides."""
+    s0, s1 = t.stride()[::-1] if transpose else t.stride()
+    return _Operand(t, t, t, s0, s1, False)
+
+
+def _pixels(x: torch.Tensor, q: int, p: int, transpose: bool = False) -> _Operand:
+    """``patchify(x)`` (or its transpose) read in place from x's storage."""
     rows, cols = _pixel_offsets(x, q, p)
-    return (x, cols, rows, 0, 0) if transpose else (x, rows, cols, 0, 0)
+    return _Operand(x, cols, rows, 0, 0, True) if transpose else _Operand(x, rows, cols, 0, 0, True)
 
 
 def _arange(n, stride, device):
@@ -134,27 +148,22 @@ def _pixel_offsets(x: torch.Tensor, q: int, p: int):
     return rows, cols
 
 
-def _gemm(a, b, c, M, N, K, bias=None):
-    """``c = a @ b (+ bias)`` for operands made by :func:`_strided` / :func:`_pixels`."""
-    A, B, C = a[0], b[0], c[0]
-    gather = [op[1] is not None for op in (a, b, c)]
-    # unused offset-vector arguments get any tensor (the constexpr flags skip them)
-    a, b, c = ((op[0], op[1] if g else op[0], op[2] if g else op[0], op[3], op[4])
-               for op, g in zip((a, b, c), gather))
-    interp = interpreted(C)
-    ieee = interp or A.dtype == torch.float32
-    if interp:
+def _gemm(a: _Operand, b: _Operand, c: _Operand, M: int, N: int, K: int, bias=None):
+    """``c = a @ b (+ bias)``: (M, K) @ (K, N) -> (M, N)."""
+    interp = interpreted(c.tensor)
+    ieee = interp or a.tensor.dtype == torch.float32
+    if interp:  # few large programs (see utils.py)
         bm, bn, bk, warps, stages = 64, 64, 64, 4, 1
     else:
         bm, bn, bk, warps, stages = 128, 128, (32 if ieee else 64), 8, 3
     if M and N:
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-        _offset_gemm[grid](*a, *b, *c, bias if bias is not None else C, M, N, K,
-                           A_GATHER=gather[0], B_GATHER=gather[1], C_SCATTER=gather[2],
+        _offset_gemm[grid](*a[:5], *b[:5], *c[:5], bias if bias is not None else c.tensor, M, N, K,
+                           A_GATHER=a.gather, B_GATHER=b.gather, C_SCATTER=c.gather,
                            HAS_BIAS=bias is not None, UPCAST=interp, IEEE=ieee,
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
                            num_stages=stages)
-    return C
+    return c.tensor
 
 
 class TubeletEmbedFunction(torch.autograd.Function):
@@ -225,6 +234,13 @@ class TubeletUnembedFunction(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None
 
 
+def _check_dtypes(name, x, weight, bias):
+    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) != 1:
+        raise ValueError(f"{name} expects input, weight and bias of one dtype (as F.linear), got "
+                         f"{x.dtype}, {weight.dtype}{f', {bias.dtype}' if bias is not None else ''}")
+
+
 def _check_embed(x, weight, bias, q, p):
     if x.ndim not in (4, 5):
         raise ValueError(f"tubelet_embed expects pixels (B, C, H, W) or (B, C, T, H, W), "
@@ -247,6 +263,7 @@ def tubelet_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     check_device(x, weight)
     _check_embed(x, weight, bias, q, p)
     x, weight, bias = autocast_inputs(x, weight, bias)
+    _check_dtypes("tubelet_embed", x, weight, bias)
     return TubeletEmbedFunction.apply(x, weight, bias, q, p)
 
 
@@ -266,4 +283,5 @@ def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if bias is not None and tuple(bias.shape) != (K,):
         raise ValueError(f"tubelet_unembed expects bias ({K},), got {tuple(bias.shape)}")
     h, weight, bias = autocast_inputs(h, weight, bias)
+    _check_dtypes("tubelet_unembed", h, weight, bias)
     return TubeletUnembedFunction.apply(h, weight, bias, q, p, T, H, W)

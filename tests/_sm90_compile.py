@@ -31,7 +31,7 @@ def _compile(fn, types: dict, constexprs: dict, **options):
     # every pointer, stride and size divisible by 16 (lets Triton vectorise loads).
     names = list(inspect.signature(fn.fn).parameters)
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items()
-               if t.startswith("*") or (t == "i32" and n not in ("sign",))}
+               if t.startswith("*") or (t == "i32" and n not in ("sign", "programs", "iters"))}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     try:
         kernel = triton.compile(src, target=HOPPER, options=options)
@@ -55,7 +55,8 @@ def check_rms_norm_kernels_compile_for_sm90(residual, block_m, block_n, warps):
     _compile(m._rms_norm_fwd, types, dict(HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n),
              num_warps=warps)
     types = {"DY": "*bf16", "X": "*bf16", "W": "*fp32", "RSTD": "*fp32", "DS": "*bf16", "DX": "*bf16",
-             "DW_PARTIAL": "*fp32", **_ints("M", "N", "stride_dy", "stride_x", "stride_ds", "stride_dx")}
+             "DW_PARTIAL": "*fp32", **_ints("M", "N", "stride_dy", "stride_x", "stride_ds", "stride_dx"),
+             "programs": "i32", "iters": "i32"}
     _compile(m._rms_norm_bwd, types, dict(HAS_DSUM=residual, BLOCK_M=block_m, BLOCK_N=block_n),
              num_warps=warps)
 

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from vitok_fast.model import ViTok
+from _kernel_bounds import one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [("T-T/8", (2, 3, 32, 32)), ("T-T/2x8", (1, 3, 4, 16, 16))]
 
@@ -105,3 +108,13 @@ def test_kernel_path_follows_autocast_like_reference_path():
     with torch.no_grad():
         exact, _ = plain(x, sample=False)
     assert _rel(r1, exact) <= 2 * _rel(r2, exact) + 2 ** -8
+
+
+def test_float64_model_runs_reference_maths_even_with_kernels_on():
+    # the kernels compute in fp32; a float64 model must not silently drop to fp32
+    fused, plain = _pair("T-T/8", torch.float64)
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    r1, _, g1 = _run(fused, x)
+    r2, _, g2 = _run(plain, x)
+    assert torch.equal(r1, r2)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from vitok_fast.kernels import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
-from _kernel_bounds import DTYPES, STORE_ULP, U32, assert_within, fp32_bound
+from _kernel_bounds import (DTYPES, STORE_ULP, U32, assert_within, fp32_bound,  # noqa: F401
+                            one_thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 1e-6
 # hidden sizes from the issue (odd, non powers of two) up to 8192; token counts 1, 7, 130

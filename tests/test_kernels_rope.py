@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from vitok_fast.kernels import rope_3d, rope_3d_qk, rope_3d_qk_ref, rope_cos_sin, rope_split
-from _kernel_bounds import DTYPES, STORE_ULP, assert_within, fp32_bound
+from _kernel_bounds import DTYPES, STORE_ULP, assert_within, fp32_bound, one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (batch, heads, head size, token grid): head sizes 64 (12/10/10 pairs), 72 (12/12/12), 20
 # (4/3/3); token counts 1, 7 and 130

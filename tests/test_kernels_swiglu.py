@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from vitok_fast.kernels import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
-from _kernel_bounds import DTYPES, STORE_ULP, assert_within, fp32_bound
+from _kernel_bounds import DTYPES, STORE_ULP, assert_within, fp32_bound, one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # MLP hidden sizes: odd (72, 200), the T model's 176, ViTok's 2048 / 3072 shrunk in tokens
 SHAPES = [(1, 72), (7, 200), (2, 65, 176), (3, 1152), (2, 3072)]

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from vitok_fast.kernels import (patchify, tubelet_embed, tubelet_embed_ref, tubelet_unembed,
                                 tubelet_unembed_ref, unpatchify)
-from _kernel_bounds import DTYPES, STORE_ULP, assert_within, fp32_bound
+from _kernel_bounds import DTYPES, STORE_ULP, assert_within, fp32_bound, one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (pixel shape, q, p, width): images with p = 8 and 16, a non-square image, a video
 CASES = [((2, 3, 32, 32), 1, 8, 64), ((1, 3, 16, 40), 1, 8, 200),
@@ -113,3 +115,8 @@ def test_tubelet_rejects_bad_shapes():
         tubelet_embed(torch.randn(1, 3, 16, 16), torch.randn(8, 191), None, 1, 8)
     with pytest.raises(ValueError, match=r"expects h \(B, 4, 8\)"):
         tubelet_unembed(torch.randn(1, 5, 8), torch.randn(192, 8), None, 1, 8, 1, 16, 16)
+
+
+def test_tubelet_rejects_mixed_dtypes():
+    with pytest.raises(ValueError, match="one dtype"):
+        tubelet_embed(torch.randn(1, 3, 16, 16), torch.randn(8, 192).bfloat16(), None, 1, 8)

@@ -68,8 +68,11 @@ def _optional_libraries():
     except Exception:  # noqa: BLE001 - not installed, or an API this version lacks
         pass
     try:
-        from quack import rmsnorm as quack_rmsnorm  # CUDA-only (CuTe DSL)
-        libs["quack_rms_norm"] = quack_rmsnorm
+        import quack  # quack-kernels, CUDA-only (CuTe DSL)
+        fn = getattr(quack, "rmsnorm", None)
+        fn = getattr(fn, "rmsnorm", fn)  # the function, whether exported or in its module
+        if callable(fn):
+            libs["quack_rms_norm"] = fn
     except Exception:  # noqa: BLE001
         pass
     return libs
@@ -153,12 +156,14 @@ def cases(device: str | torch.device = "cuda", dtype=torch.bfloat16, tiny: bool 
             if ops is None or "swiglu" in ops:
                 extra = []
                 if "liger_swiglu" in libs:
-                    extra.append(("liger", lambda gu: libs["liger_swiglu"].apply(*gu.chunk(2, -1))))
+                    # Liger's kernel assumes contiguous gate and up: give it the copies (timed)
+                    extra.append(("liger", lambda gu: libs["liger_swiglu"].apply(
+                        *(t.contiguous() for t in gu.chunk(2, -1)))))
                 add("swiglu", f"{M}x{hidden}", 3 * M * hidden * es, 5 * M * hidden * es,
                     _impls(device, libs, K.swiglu_packed, K.swiglu_packed_ref, extra),
                     lambda g: (rnd(M, 2 * hidden, grad=g, scale=2.0),),
                     lambda fn, gu: fn(gu), (rnd(M, hidden),),
-                    note={"liger": "Liger's SiLUMul copies gate/up chunks to contiguous inside its call"})
+                    note={"liger": "includes copying the gate/up chunks to contiguous (Liger needs it)"})
             # 3D RoPE on q and k as the attention layer has them: views of qkv (B, N, 3, H, D)
             if ops is None or "rope" in ops:
                 D = width // heads

@@ -132,7 +132,7 @@ class Transformer(nn.Module):
                 x, residual = checkpoint(block, x, residual, cos, sin, use_reentrant=False)
             else:
                 x, residual = block(x, residual, cos, sin)
-        return Block._norm(self.norm, x, residual)[0]
+        return self.norm(x, residual)[0]  # closes the last block's (x, residual) pair
 
 
 class DiagonalGaussian:

@@ -1,8 +1,9 @@
 """The one dispatch layer between the model and vitok_fast.kernels.
 
-Each op takes ``use_kernels``: when True and Triton can run on the tensor's device (CUDA, or
-the CPU under ``TRITON_INTERPRET=1``), the fused kernel runs; otherwise the plain-PyTorch
-reference does. The reference path is what every kernel is checked against.
+Each op takes ``use_kernels``: when True, the tensor is fp32, bf16 or fp16, and Triton can run
+on its device (CUDA, or the CPU under ``TRITON_INTERPRET=1``), the fused kernel runs;
+otherwise the plain-PyTorch reference does. The reference path is what every kernel is
+checked against.
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ def triton_can_run(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# The kernels compute in fp32 and serve the training dtypes; a float64 model (used by
+# tests as an exact reference) runs the float64 reference maths instead of silently
+# dropping to fp32.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _fused(use_kernels: bool, t: torch.Tensor) -> bool:
-    return use_kernels and triton_can_run(t)
+    return use_kernels and t.dtype in _KERNEL_DTYPES and triton_can_run(t)
 
 
 def rms_norm(x, weight, eps, use_kernels):
