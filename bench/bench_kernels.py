@@ -103,7 +103,6 @@ def run(device: torch.device, dtype: torch.dtype, ops, impls, out_dir: Path, plo
     json_path = out_dir / f"{stem}.json"
     from vitok_fast.model import _atomic_write
     _atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(report, indent=1) + "\n"))
-    json_path.chmod(0o644)
     print(f"wrote {json_path}")
     if plot:
         png = out_dir / f"{stem}.png"

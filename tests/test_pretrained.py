@@ -102,3 +102,12 @@ def test_unknown_config_field(saved):
     (path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['flux_capacitor'\]"):
         ViTok.from_pretrained(path)
+
+
+def test_saved_files_are_readable_like_plain_files(saved):
+    import os
+    _, path = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (path / name).stat().st_mode & 0o777 == 0o666 & ~umask
