@@ -29,6 +29,16 @@ def _script(name):
 stage1, stage2 = _script("stage1"), _script("stage2")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls: a second intra-op thread buys nothing and, on a shared 2-core CI box,
+    # its spin-waits made each step up to 25x slower (measured). Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _args(out, *extra):
     return ["--smoke", "--no-kernels", "--out-dir", str(out), "--resume", "",
             "--num-workers", "0", *map(str, extra)]
@@ -40,10 +50,10 @@ def _weights(path):
 
 def test_tiny_model_learns_heldout_psnr_rises(tmp_path):
     # 200 steps of batch 16 at 32px, MSE + KL (LPIPS off: with a random VGG it would only add
-    # noise). Measured on this machine (seed 0): 12.8 dB at step 0 -> 22.2 dB at step 200,
-    # +9.4 dB; lr 2e-3 gave +8.9 dB. We assert +5 dB (3x lower MSE on photos it never saw):
-    # a broken loss, optimizer, schedule or data pipeline stays near +0, while seed-to-seed
-    # and platform noise is far below 4 dB.
+    # noise). Measured on this machine: 12.8 -> 22.2 dB (seed 0), 12.6 -> 20.6 (seed 1),
+    # 12.7 -> 21.5 (seed 2), i.e. +8.0 to +9.4 dB. We assert +5 dB (3x lower MSE on photos it
+    # never saw): a broken loss, optimizer, schedule or data pipeline stays near +0 dB, and
+    # the seed-to-seed spread (1.4 dB) leaves a wide margin.
     out = stage1.main(_args(tmp_path, "--max-steps", 200, "--global-batch-size", 16,
                             "--micro-batch-size", 16, "--lr", 1e-3, "--lpips-weight", 0,
                             "--eval-every", 100, "--save-every", 1000, "--log-every", 50))
@@ -143,24 +153,29 @@ def test_stage2_freezes_encoder_and_updates_the_ema(tmp_path):
     assert len(out["val_psnr"]) == 2  # step 0 and step 3, from the EMA model
 
 
-def test_two_gloo_ranks_make_the_same_update_as_one_process(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_ranks_make_the_same_update_as_one_process(tmp_path, parallel):
     common = ["--max-steps", 2, "--global-batch-size", 4, "--micro-batch-size", 2,
               "--eval-every", 100, "--save-every", 1, "--keep", 5, "--log-every", 1]
     one = stage1.main(_args(tmp_path / "one", *common))  # 1 rank x 2 micro-batches
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train" / "stage1.py"), *_args(tmp_path / "two", *common),
-           "--device", "cpu"]
+           "--device", "cpu", "--parallel", parallel]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     two_losses = [r["train/loss"] for r in rows if "train/loss" in r]
     # Same samples, same noise, same LPIPS: the losses agree to fp32 reduction order.
     assert two_losses == pytest.approx(one["losses"], rel=1e-5)
+    worst = 0.0
     for step in (1, 2):
         a = _weights(tmp_path / "one" / f"step_{step:08d}")
         b = _weights(tmp_path / "two" / f"step_{step:08d}")
         for k in a:
             # Adam's first steps move each weight by about lr = 1e-3; rank-order sums differ
-            # by ~1e-7 relative, so the two updates agree far below the lr.
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (step, k, (a[k] - b[k]).abs().max())
+            # by ~1e-7 relative, so the two updates agree far below the lr (measured: see the
+            # printed difference, 0 to 1e-8 here).
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (step, k, (a[k] - b[k]).abs().max())
+            worst = max(worst, float((a[k] - b[k]).abs().max()))
+    print(f"{parallel}: largest weight difference after 2 steps {worst:.2e}")

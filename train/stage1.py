@@ -46,6 +46,7 @@ def main(argv=None) -> dict:
 
     # -- everything that can fail on user input fails here, before training starts ----------
     accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
+    torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
     train_set = make_dataset(args.data, args.resolution, args.frames,
                              frame_stride=args.frame_stride, train=True, seed=args.seed)
@@ -56,7 +57,6 @@ def main(argv=None) -> dict:
     resume_from = resolve_checkpoint(args.resume, out_dir)
 
     # -- model, optimizer, schedule; a resumed run reloads all of them -----------------------
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = ViTok(config).to(device)
     state = load_state(resume_from) if resume_from is not None else None
     if state is not None:

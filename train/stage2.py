@@ -31,13 +31,23 @@ from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, acc
                                  save_grid, set_rng_state, write_bench)
 
 
+def _init_config(spec):
+    import json
+
+    from vitok_fast import ViTokConfig
+    from vitok_fast.model import CONFIG_FILE
+
+    path = resolve_checkpoint(spec, spec, flag="--init")
+    return ViTokConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group("stage 2")
-    g.add_argument("--init", required=True,
-                   help="stage-1 checkpoint directory (or a stage-1 run directory: its latest)")
+    g.add_argument("--init", required=True, help="stage-1 checkpoint directory (or a stage-1 "
+                   "run directory: its latest); the model (--model, --channels) is the one it holds")
     g.add_argument("--gan-weight", type=float, default=0.05, help="lambda [ours: 0.05, see SPEC]")
     g.add_argument("--disc-lr", type=float, default=2e-5, help="[paper] 2e-5")
     g.add_argument("--disc-warmup", type=int, default=25_000,
@@ -47,8 +57,11 @@ def parse_args(argv=None):
     g.add_argument("--disc-channels", type=int, default=64,
                    help="discriminator channels at full resolution, doubling per halving up to 512")
     args = parser.parse_args(argv)
-    if args.smoke:
-        for key, value in (("disc_warmup", 5), ("disc_channels", 16)):
+    # The model is the stage-1 checkpoint's: take its name (and so image/video defaults) there.
+    config = _init_config(args.init)
+    args.model, args.channels = config.name, config.channels
+    if args.smoke:  # [ours] a faster EMA so that a 30-step run shows it moving
+        for key, value in (("disc_warmup", 5), ("disc_channels", 16), ("ema_decay", 0.9)):
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
     if args.parallel == "fsdp":
@@ -65,7 +78,8 @@ def main(argv=None) -> dict:
 
     # -- everything that can fail on user input fails here -----------------------------------
     accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
-    init = resolve_checkpoint(args.init, out_dir)
+    init = resolve_checkpoint(args.init, args.init, flag="--init")
+    torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
     train_set = make_dataset(args.data, args.resolution, args.frames,
                              frame_stride=args.frame_stride, train=True, seed=args.seed)
@@ -77,10 +91,7 @@ def main(argv=None) -> dict:
     model = ViTok.from_pretrained(resume_from or init, device=device,
                                   use_kernels=not args.no_kernels)
     config = model.config
-    if config.name != args.model and main_rank:
-        print(f"note: --init holds a {config.name} model; --model {args.model} is ignored")
     model.encoder.requires_grad_(False)
-    torch.manual_seed(args.seed)  # the same discriminator on every rank
     disc = Discriminator(args.resolution, args.disc_channels).to(device)
     ema = EMA(model, args.ema_decay, track="decoder")
     state = load_state(resume_from) if resume_from is not None else None

@@ -104,7 +104,7 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_checkpoint(spec: str | None, run_dir) -> Path | None:
+def resolve_checkpoint(spec: str | None, run_dir, flag: str = "--resume") -> Path | None:
     """``--resume`` semantics: ``None``/``""`` = start fresh; ``auto`` = the latest complete
     checkpoint in ``run_dir`` if any; otherwise a checkpoint directory, or a run directory
     (its latest), which must exist."""
@@ -118,7 +118,7 @@ def resolve_checkpoint(spec: str | None, run_dir) -> Path | None:
     if path.is_dir() and (latest := latest_checkpoint(path)) is not None:
         return latest
     raise FileNotFoundError(
-        f"--resume {spec}: expected a checkpoint directory holding {CONFIG_FILE}, {WEIGHTS_FILE} "
+        f"{flag} {spec}: expected a checkpoint directory holding {CONFIG_FILE}, {WEIGHTS_FILE} "
         f"and {STATE_FILE} (e.g. {Path(run_dir) / step_dir_name(1000)}), or a run directory "
         f"with such checkpoints, or 'auto'")
 

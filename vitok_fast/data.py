@@ -556,6 +556,11 @@ def make_loader(dataset, batch_size: int, *, seed: int, rank: int = 0, world: in
                   drop_last=True, persistent_workers=False,
                   prefetch_factor=2 if num_workers else None)
     if isinstance(dataset, IterableDataset):
+        streams = world * max(1, num_workers)
+        if isinstance(dataset, TarShards) and dataset.train and len(dataset.shards) < streams:
+            raise ValueError(f"{len(dataset.shards)} shards cannot feed {world} ranks x "
+                             f"{max(1, num_workers)} workers: write at least {streams} shards "
+                             f"or lower --num-workers")
         dataset.rank, dataset.world = rank, world
         dataset.set_position(start_batches, batch_size)
         return DataLoader(dataset, **common)
