@@ -173,6 +173,12 @@ def test_shard_stream_resumes_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_too_few_shards_for_the_workers_is_a_clear_error(tmp_path):
+    pattern = _write_shards(tmp_path / "shards", n_shards=2)
+    with pytest.raises(ValueError, match="2 shards cannot feed 2 ranks x 2 workers"):
+        make_loader(make_dataset(pattern, 16), 2, seed=0, rank=0, world=2, num_workers=2)
+
+
 def test_stream_sampler_deals_chunks_to_ranks_and_resumes():
     take = lambda s, n: list(itertools.islice(iter(s), n))
     one = take(StreamSampler(10, seed=0, chunk=2), 24)

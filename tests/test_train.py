@@ -135,7 +135,7 @@ def test_stage2_freezes_encoder_and_updates_the_ema(tmp_path):
     init = tmp_path / "s1" / "step_00000002"
     out = stage2.main(_args(tmp_path / "s2", "--init", init, "--max-steps", 3, "--save-every", 1,
                             "--keep", 5, "--lpips-weight", 0, "--disc-warmup", 1,
-                            "--eval-every", 3))
+                            "--eval-every", 3, "--ema-decay", 0.99))
     assert out["step"] == 3 and out["nonfinite_steps"] == 0
     w = [_weights(init)] + [_weights(tmp_path / "s2" / f"step_{s:08d}") for s in (1, 2, 3)]
     ema = _weights(tmp_path / "s2" / "step_00000003" / "ema")
@@ -143,14 +143,42 @@ def test_stage2_freezes_encoder_and_updates_the_ema(tmp_path):
     dec = [k for k in w[0] if k.startswith("decoder.")]
     assert all(torch.equal(w[0][k], w[3][k]) and torch.equal(w[0][k], ema[k]) for k in enc)
     assert all(not torch.equal(w[0][k], w[3][k]) for k in dec if k.endswith("weight"))
-    # EMA after 3 steps from w0: d^3 w0 + (1 - d)(d^2 w1 + d w2 + w3), decay d = 0.9999.
-    d = 0.9999
+    # EMA after 3 steps from w0: d^3 w0 + (1 - d)(d^2 w1 + d w2 + w3), here with d = 0.99.
+    d = 0.99
     for k in dec:
         expected = d**3 * w[0][k] + (1 - d) * (d**2 * w[1][k] + d * w[2][k] + w[3][k])
         assert torch.allclose(ema[k], expected, rtol=1e-5, atol=1e-7), k
         if k.endswith("weight"):
             assert not torch.equal(ema[k], w[0][k]), k  # the EMA moved
     assert len(out["val_psnr"]) == 2  # step 0 and step 3, from the EMA model
+
+
+def test_stage2_resumes_exactly_discriminator_and_ema_included(tmp_path, monkeypatch):
+    stage1.main(_args(tmp_path / "s1", "--max-steps", 1, "--lpips-weight", 0))
+    common = ["--init", tmp_path / "s1", "--max-steps", 4, "--save-every", 2, "--lpips-weight", 0,
+              "--disc-warmup", 1, "--eval-every", 100, "--global-batch-size", 4,
+              "--micro-batch-size", 2]
+    full = stage2.main(_args(tmp_path / "full", *common))
+    real_save = stage2.save_checkpoint
+
+    def save_then_die(out_dir, step, *a, **kw):
+        path = real_save(out_dir, step, *a, **kw)
+        if step == 2:
+            raise KeyboardInterrupt("preempted")
+        return path
+
+    monkeypatch.setattr(stage2, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stage2.main(_args(tmp_path / "split", *common))
+    monkeypatch.setattr(stage2, "save_checkpoint", real_save)
+    args = _args(tmp_path / "split", *common)
+    args[args.index("--resume") + 1] = "auto"
+    resumed = stage2.main(args)
+    assert resumed["losses"] == full["losses"][2:]
+    for sub in ("", "ema"):
+        a = _weights(tmp_path / "full" / "step_00000004" / sub)
+        b = _weights(tmp_path / "split" / "step_00000004" / sub)
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
