@@ -1,61 +1,569 @@
-"""Minimal stand-in for the training engineer's data pipeline (same contract, fewer sources).
+"""Training and evaluation data: image folders, videos, WebDataset shards, embedded photos.
 
-Only image directories and the embedded scikit-image photos are implemented here, so that the
-evaluation tools can run and be tested on this branch; the full module (videos, WebDataset
-shards, train-time augmentation) replaces this file at merge time.
+One entry point, ``make_dataset(source, resolution, frames)``, whose items are float32
+tensors in [-1, 1]: ``(3, R, R)`` images or ``(3, T, R, R)`` clips. ``train=True`` takes a
+random-resized crop and a random horizontal flip; ``train=False`` resizes the shorter side to
+R and takes the centre crop (the paper's evaluation protocol).
+
+Sources:
+  ``embedded`` / ``embedded:val``  real photos that scikit-image ships, a few held out: a
+      default that needs no download.
+  ``embedded-video`` / ``embedded-video:val``  synthetic clips made by panning and zooming a
+      window across those photos. They are *not* real videos: use them for smoke runs and
+      tests, not to report video quality.
+  a directory  recursive images (jpg, jpeg, png, webp) or, for clips, videos (mp4, webm,
+      avi, mkv, mov); a single video file works too.
+  ``"shards/{000..099}.tar"``  WebDataset tar shards (brace pattern), split by rank and
+      data-loader worker; each sample is a jpg/png/webp image or an mp4/webm/avi video.
+
+A file that cannot be decoded is skipped (replaced by the next readable one), counted once
+and named in a warning, never a crash: ``dataset.skipped`` and ``dataset.skipped_files``
+report them, across data-loader workers. An empty folder or a pattern that matches nothing
+raises ``FileNotFoundError`` at construction, before any training starts.
+
+Randomness is a pure function of a per-sample seed, so a run that resumes at sample n sees
+exactly the crops an uninterrupted run saw (``make_loader`` and ``StreamSampler``).
 """
 
 from __future__ import annotations
 
+import glob
+import io
+import math
+import os
+import random
+import re
+import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-_EMBEDDED = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
-             "motorcycle_left", "retina", "cat", "camera")
-_VAL = ("chelsea", "coffee", "rocket")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 
+# Real photographs shipped inside scikit-image (no download). Synthetic images (logo,
+# colorwheel, horse) are left out. Grayscale photos are used as RGB. [ours]
+EMBEDDED_TRAIN = ("astronaut", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina",
+                  "stereo_motorcycle", "camera", "moon", "coins", "grass", "gravel", "brick",
+                  "cell", "page", "text")
+EMBEDDED_VAL = ("coffee", "rocket", "clock")  # held out: never seen by `embedded`
 
-def _resize_center_crop(img: Image.Image, r: int) -> torch.Tensor:
-    """The evaluation protocol: shorter side to r (bicubic), centre crop r x r, to [-1, 1]."""
-    w, h = img.size
-    s = r / min(w, h)
-    img = img.resize((max(r, round(w * s)), max(r, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - r) // 2, (h - r) // 2
-    img = img.crop((left, top, left + r, top + r))
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return x.float() / 127.5 - 1.0
-
-
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, load_fns, resolution):
-        self.load_fns, self.resolution, self.skipped = load_fns, resolution, 0
-
-    def __len__(self):
-        return len(self.load_fns)
-
-    def __getitem__(self, i):
-        return _resize_center_crop(self.load_fns[i]().convert("RGB"), self.resolution)
+# [ours] Random-resized crop: area fraction and aspect ratio of the crop before it is resized
+# to R x R. The paper says neither; torchvision's default area (0.08, 1) throws away too much
+# of a photo for a reconstruction model, so we keep at least half of it.
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def make_dataset(source: str, resolution: int, frames: int = 1, *, frame_stride: int = 1,
                  train: bool = True, seed: int = 0):
-    if frames != 1:
-        raise NotImplementedError("this stand-in data module reads images only")
+    """The dataset named by ``source`` (see the module docstring), items in [-1, 1]."""
+    if not isinstance(resolution, int) or resolution <= 0:
+        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+    if not isinstance(frames, int) or frames <= 0:
+        raise ValueError(f"frames must be a positive integer (1 for images), got {frames!r}")
+    if not isinstance(frame_stride, int) or frame_stride <= 0:
+        raise ValueError(f"frame_stride must be a positive integer, got {frame_stride!r}")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"source must be a non-empty string, got {source!r}")
+    common = dict(resolution=resolution, frames=frames, frame_stride=frame_stride, train=train,
+                  seed=seed)
     if source in ("embedded", "embedded:val"):
-        import skimage.data
-
-        names = _VAL if source.endswith(":val") else tuple(n for n in _EMBEDDED if n not in _VAL)
-        fns = [lambda n=n: Image.fromarray(getattr(skimage.data, n)()) for n in names]
-        return _Images(fns, resolution)
-    path = Path(source)
+        if frames != 1:
+            raise ValueError(f"source 'embedded' holds photos; for clips of {frames} frames use "
+                             f"'embedded-video' (pan/zoom clips made from the photos)")
+        return EmbeddedPhotos(val=source.endswith(":val"), **common)
+    if source in ("embedded-video", "embedded-video:val"):
+        return EmbeddedPanZoomClips(val=source.endswith(":val"), **common)
+    if source.startswith("embedded"):
+        raise ValueError(f"unknown embedded source {source!r}: expected one of 'embedded', "
+                         f"'embedded:val', 'embedded-video', 'embedded-video:val'")
+    if "{" in source or source.endswith(".tar") or any(c in source for c in "*?["):
+        shards = expand_shards(source)
+        return TarShards(shards, **common)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in VIDEO_EXTS:
+            raise ValueError(f"a single file source must be a video ({', '.join(VIDEO_EXTS)}), "
+                             f"got {path}")
+        return VideoClips([path], **common)
     if not path.is_dir():
-        raise FileNotFoundError(f"data source {source!r} is neither 'embedded[:val]' nor a directory")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise FileNotFoundError(f"no images ({sorted(IMAGE_EXTS)}) found under {source}")
-    return _Images([lambda p=p: Image.open(p) for p in files], resolution)
+        raise FileNotFoundError(f"data source {source!r} is neither a directory, a video file, a "
+                                f"tar pattern like 'shards/{{000..099}}.tar', nor 'embedded'")
+    images, videos = _scan(path, IMAGE_EXTS), _scan(path, VIDEO_EXTS)
+    if frames == 1 and images:
+        return ImageFolder(images, **common)
+    if videos:
+        return VideoClips(videos, **common)
+    if images:
+        raise FileNotFoundError(
+            f"{path} holds {len(images)} images but no videos ({', '.join(VIDEO_EXTS)}), and "
+            f"clips of frames={frames} were asked for; use frames=1 or 'embedded-video'")
+    raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTS)}) or videos "
+                            f"({', '.join(VIDEO_EXTS)}), searched recursively")
+
+
+# -- crops: one random or central box per sample, the same box for every frame of a clip ----
+
+
+def crop_box(width: int, height: int, rng: random.Random | None):
+    """A square-output crop box (left, top, right, bottom) in source pixels.
+
+    ``rng=None`` gives the evaluation crop: the central square of side min(W, H), which after
+    resizing to R equals "shorter side to R, then centre crop".
+    """
+    if rng is None:
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        return left, top, left + side, top + side
+    area = width * height
+    for _ in range(10):  # torchvision's RandomResizedCrop recipe
+        target = area * rng.uniform(*CROP_SCALE)
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        w, h = math.sqrt(target * ratio), math.sqrt(target / ratio)
+        if w <= width and h <= height:
+            left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            return left, top, left + w, top + h
+    return crop_box(width, height, None)
+
+
+def to_tensor(images: list[Image.Image], box, resolution: int, flip: bool) -> torch.Tensor:
+    """Crop ``box`` from each frame, resize to R x R (bicubic, antialiased), to [-1, 1]."""
+    arrays = []
+    for im in images:
+        im = im.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arrays.append(np.asarray(im, dtype=np.uint8))
+    x = torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2).float()  # (3, T, R, R)
+    return x.div_(127.5).sub_(1.0)
+
+
+def sample_seed(seed: int, epoch: int, index: int, purpose: int = 0) -> int:
+    """A well-mixed 32-bit seed for one sample of one epoch (``purpose`` 1: shard order, 2:
+    the epoch's permutation)."""
+    return int(np.random.SeedSequence([seed, epoch, index, purpose]).generate_state(1)[0])
+
+
+# -- map-style datasets ------------------------------------------------------------------------
+
+
+class _Items(Dataset):
+    """Shared logic: int or (index, seed) indexing, per-sample RNG, skip-and-count of bad items.
+
+    ``ds[i]`` uses a fixed seed per index; the training sampler passes ``(i, seed)`` so that
+    crops change every epoch. Bad items are flagged in a shared-memory tensor so that counts
+    from data-loader workers reach the main process.
+    """
+
+    def __init__(self, n: int, resolution, frames, frame_stride, train, seed):
+        self.resolution, self.frames, self.frame_stride = resolution, frames, frame_stride
+        self.train, self.seed = train, seed
+        self._bad = torch.zeros(n, dtype=torch.bool).share_memory_()
+        self._warned: set[int] = set()
+
+    def __len__(self):
+        return len(self._bad)
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def load(self, index: int, rng: random.Random | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct unreadable items were skipped so far (all workers)."""
+        return int(self._bad.sum())
+
+    def skip_counts(self) -> torch.Tensor:
+        """Per-item skip flags (int64); their sum is ``skipped``. Take the max over ranks."""
+        return self._bad.long()
+
+    @property
+    def skipped_files(self) -> list[str]:
+        names = self.names()
+        return [names[i] for i in torch.nonzero(self._bad).flatten().tolist()]
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, sample_seed(self.seed, 0, key))
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} items")
+        index %= n
+        for attempt in range(n):
+            i = (index + attempt) % n
+            if self._bad[i]:
+                continue
+            rng = random.Random(seed) if self.train else None
+            try:
+                x = self.load(i, rng)
+                if self.train and rng.random() < 0.5:
+                    x = x.flip(-1)
+                return x if self.frames > 1 else x[:, 0]
+            except Exception as e:  # noqa: BLE001 -- any decode failure means "unreadable"
+                self._bad[i] = True
+                if i not in self._warned:
+                    self._warned.add(i)
+                    warnings.warn(f"skipping unreadable item {self.names()[i]}: "
+                                  f"{type(e).__name__}: {e}", stacklevel=2)
+        raise RuntimeError(f"no readable item left: all {n} items failed to decode "
+                           f"(first: {self.skipped_files[:3]})")
+
+
+class ImageFolder(_Items):
+    """Images found recursively under a directory."""
+
+    def __init__(self, files: list[Path], **kw):
+        if kw["frames"] != 1:
+            raise ValueError(f"an image folder gives single images, got frames={kw['frames']}")
+        super().__init__(len(files), **kw)
+        self.files = [str(f) for f in files]
+
+    def names(self):
+        return self.files
+
+    def load(self, index, rng):
+        with Image.open(self.files[index]) as im:
+            im = im.convert("RGB")  # decodes fully: a truncated file raises here
+        return to_tensor([im], crop_box(*im.size, rng), self.resolution, flip=False)
+
+
+class VideoClips(_Items):
+    """Clips of ``frames`` frames, ``frame_stride`` apart, from video files (PyAV).
+
+    Training takes a random start; evaluation takes the clip starting at frame 0. A video
+    shorter than one clip counts as unreadable (skipped and reported).
+    """
+
+    def __init__(self, files: list[Path], **kw):
+        super().__init__(len(files), **kw)
+        self.files = [str(f) for f in files]
+
+    def names(self):
+        return self.files
+
+    def load(self, index, rng):
+        frames = read_clip(self.files[index], self.frames, self.frame_stride, rng)
+        return to_tensor(frames, crop_box(*frames[0].size, rng), self.resolution, flip=False)
+
+
+def read_clip(file, frames: int, stride: int, rng: random.Random | None) -> list[Image.Image]:
+    """Decode ``frames`` frames ``stride`` apart from a video (a path or a file object)."""
+    import av
+
+    span = (frames - 1) * stride + 1
+    with av.open(file) as container:
+        stream = container.streams.video[0]
+        total = stream.frames
+        if total <= 0:  # some containers (webm) carry no frame count: count packets instead
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+            container.seek(0)
+        if total < span:
+            raise ValueError(f"video has {total} frames, a clip of {frames} frames with stride "
+                             f"{stride} needs {span}")
+        start = rng.randrange(total - span + 1) if rng is not None else 0
+        wanted = set(range(start, start + span, stride))
+        out = []
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                out.append(frame.to_image())
+                if len(out) == frames:
+                    return out
+    raise ValueError(f"video decoded to fewer frames than its header says ({len(out)} of "
+                     f"{frames} wanted from start {start})")
+
+
+def _scan(root: Path, exts) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
+
+
+def _embedded_photo(name: str) -> Image.Image:
+    import skimage.data
+
+    array = getattr(skimage.data, name)()
+    if isinstance(array, tuple):  # stereo_motorcycle: (left, right, disparity)
+        array = array[0]
+    return Image.fromarray(array).convert("RGB")
+
+
+class EmbeddedPhotos(_Items):
+    """scikit-image's real photos: 15 for training, 3 held out (``embedded:val``)."""
+
+    def __init__(self, val: bool, **kw):
+        self.photo_names = EMBEDDED_VAL if val else EMBEDDED_TRAIN
+        super().__init__(len(self.photo_names), **kw)
+        self.photos = [_embedded_photo(n) for n in self.photo_names]
+
+    def names(self):
+        return [f"skimage.data.{n}" for n in self.photo_names]
+
+    def load(self, index, rng):
+        im = self.photos[index]
+        return to_tensor([im], crop_box(*im.size, rng), self.resolution, flip=False)
+
+
+class EmbeddedPanZoomClips(EmbeddedPhotos):
+    """SYNTHETIC clips: a square window pans and zooms across one still photo.
+
+    Each output frame is ``frame_stride`` steps of the camera path apart. Training draws a
+    random start box, end box and speed; evaluation uses a fixed left-to-right pan with a
+    slow zoom-in. Motion is rigid and there is no real scene dynamics: these clips are for
+    smoke runs and tests, not for measuring video quality.
+    """
+
+    description = "synthetic pan/zoom clips over still photos (not real video)"
+
+    def load(self, index, rng):
+        im = self.photos[index]
+        W, H = im.size
+        steps = (self.frames - 1) * self.frame_stride  # path length in "source frames"
+        short = min(W, H)
+        if rng is None:
+            s0, s1 = 0.8 * short, 0.7 * short
+            c0, c1 = (s0 / 2, H / 2), (W - s1 / 2, H / 2)
+        else:
+            s0, s1 = rng.uniform(0.5, 1.0) * short, rng.uniform(0.5, 1.0) * short
+            c0 = (rng.uniform(s0 / 2, W - s0 / 2), rng.uniform(s0 / 2, H - s0 / 2))
+            c1 = (rng.uniform(s1 / 2, W - s1 / 2), rng.uniform(s1 / 2, H - s1 / 2))
+        # The path covers at most 64 source frames; shorter clips see part of it, so a
+        # larger stride means faster apparent motion, as in a real video.
+        frac = [min(1.0, k * self.frame_stride / max(steps, 64)) for k in range(self.frames)]
+        out = []
+        for f in frac:
+            s = s0 + f * (s1 - s0)
+            cx, cy = c0[0] + f * (c1[0] - c0[0]), c0[1] + f * (c1[1] - c0[1])
+            box = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
+            out.append(im.resize((self.resolution,) * 2, Image.Resampling.BICUBIC, box=box))
+        return to_tensor(out, None, self.resolution, flip=False)
+
+
+# -- WebDataset tar shards -----------------------------------------------------------------
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand ``{000..099}`` and ``{a,b}`` braces and shell globs; error if nothing exists."""
+    names = _brace_expand(pattern)
+    found = []
+    for name in names:
+        if any(c in name for c in "*?["):
+            found.extend(sorted(glob.glob(os.path.expanduser(name))))
+        elif os.path.isfile(os.path.expanduser(name)):
+            found.append(os.path.expanduser(name))
+    if not found:
+        raise FileNotFoundError(f"shard pattern {pattern!r} matches no file "
+                                f"(expanded to {len(names)} names, e.g. {names[:2]})")
+    missing = len(names) - len(found) if not any("*" in n for n in names) else 0
+    if missing:
+        warnings.warn(f"shard pattern {pattern!r}: {missing} of {len(names)} shards do not exist",
+                      stacklevel=2)
+    return found
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def _brace_expand(pattern: str) -> list[str]:
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match[1], pattern[:match.start()], pattern[match.end():]
+    if ".." in body:
+        lo, hi = body.split("..", 1)
+        if not (lo.isdigit() and hi.isdigit()):
+            raise ValueError(f"bad range {{{body}}} in shard pattern {pattern!r}")
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [name for opt in options for name in _brace_expand(head + opt + tail)]
+
+
+class TarShards(IterableDataset):
+    """WebDataset-format tar shards, streamed.
+
+    Samples are the files of a shard grouped by key (the name up to the first dot); the
+    first image (or, for clips, video) member of a sample is decoded. Training streams
+    forever: each epoch shuffles the shard list with the seed and deals it out to the
+    (rank, worker) streams; samples keep their order inside a shard (shuffle shards when you
+    write them). Evaluation is one pass, split the same way. Rank and world size are read
+    from torch.distributed at construction; ``make_loader`` sets the resume position.
+    """
+
+    def __init__(self, shards: list[str], *, resolution, frames, frame_stride, train, seed):
+        self.shards = list(shards)
+        self.resolution, self.frames, self.frame_stride = resolution, frames, frame_stride
+        self.train, self.seed = train, seed
+        self.rank, self.world = _rank_world()
+        self.start_batches, self.batch_size = 0, 1
+        self._bad = torch.zeros(len(self.shards), dtype=torch.int64).share_memory_()
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable samples skipped in the shards read so far (counted once per shard)."""
+        return int(self._bad.sum())
+
+    def skip_counts(self) -> torch.Tensor:
+        """Per-shard skip counts (int64); their sum is ``skipped``. Take the max over ranks."""
+        return self._bad.clone()
+
+    @property
+    def skipped_files(self) -> list[str]:
+        return [f"{self.shards[i]} ({int(c)} samples)" for i, c in enumerate(self._bad.tolist()) if c]
+
+    def set_position(self, start_batches: int, batch_size: int) -> None:
+        """Skip what this rank already consumed: ``start_batches`` batches of ``batch_size``."""
+        self.start_batches, self.batch_size = start_batches, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        stream, streams = self.rank * workers + worker, self.world * workers
+        if self.train and len(self.shards) < streams:
+            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world} ranks x "
+                             f"{workers} workers: write at least {streams} shards or use fewer "
+                             f"workers")
+        # The DataLoader takes batches from its workers in turn, so worker w made batches
+        # w, w + W, w + 2W, ... of those already consumed.
+        done = max(0, (self.start_batches - worker + workers - 1) // workers)
+        skip = done * self.batch_size
+        epoch = 0
+        while True:
+            order = list(range(len(self.shards)))
+            if self.train:
+                random.Random(sample_seed(self.seed, epoch, 0, purpose=1)).shuffle(order)
+            for s in order[stream::streams]:
+                for j, x in enumerate(self._read_shard(s, epoch)):
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield x
+            if not self.train:
+                return
+            epoch += 1
+
+    def _read_shard(self, s: int, epoch: int):
+        exts = VIDEO_EXTS if self.frames > 1 else IMAGE_EXTS
+        bad = 0
+        try:
+            with tarfile.open(self.shards[s]) as tar:
+                for j, (key, member) in enumerate(_samples(tar, exts)):
+                    rng = random.Random(sample_seed(self.seed, epoch, s * 1_000_003 + j)) \
+                        if self.train else None
+                    try:
+                        data = tar.extractfile(member).read()
+                        x = self._decode(data, rng)
+                    except Exception as e:  # noqa: BLE001
+                        bad += 1
+                        if epoch == 0:
+                            warnings.warn(f"skipping unreadable sample {key} in {self.shards[s]}: "
+                                          f"{type(e).__name__}: {e}", stacklevel=2)
+                        continue
+                    yield x
+        except (tarfile.TarError, OSError) as e:
+            bad += 1
+            warnings.warn(f"skipping unreadable shard {self.shards[s]}: {e}", stacklevel=2)
+        self._bad[s] = max(int(self._bad[s]), bad)
+
+    def _decode(self, data: bytes, rng):
+        if self.frames > 1:
+            frames = read_clip(io.BytesIO(data), self.frames, self.frame_stride, rng)
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                frames = [im.convert("RGB")]
+        x = to_tensor(frames, crop_box(*frames[0].size, rng), self.resolution, flip=False)
+        if rng is not None and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x if self.frames > 1 else x[:, 0]
+
+
+def _samples(tar: tarfile.TarFile, exts):
+    """(key, member) of the first member with one of ``exts`` in each sample of a shard."""
+    last_key = None
+    for member in tar:
+        if not member.isfile():
+            continue
+        name = os.path.basename(member.name)
+        key = os.path.join(os.path.dirname(member.name), name.split(".", 1)[0])
+        ext = "." + name.split(".", 1)[1].lower() if "." in name else ""
+        if ext in exts and key != last_key:
+            last_key = key
+            yield key, member
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# -- loading for training: a deterministic, resumable stream -------------------------------
+
+
+class StreamSampler(Sampler):
+    """An endless, deterministic stream of ``(index, sample_seed)`` for one rank.
+
+    The global stream is epoch after epoch of seeded permutations of the dataset. It is cut
+    into chunks of ``chunk`` items (one micro-batch), dealt out to ranks in turn: rank r gets
+    chunks r, r + world, ... So one process with k micro-batches per step sees, in order, the
+    same samples that k ranks see in one micro-batch each, and a run that resumes after
+    ``start`` items of this rank continues the stream exactly.
+    """
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world: int = 1, chunk: int = 1,
+                 start: int = 0, shuffle: bool = True):
+        if n <= 0:
+            raise ValueError(f"cannot sample from an empty dataset (n={n})")
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.chunk, self.start, self.shuffle = chunk, start, shuffle
+
+    def __len__(self):  # endless; DataLoader only asks when len(loader) is called
+        raise TypeError("StreamSampler is endless")
+
+    def global_position(self, j: int) -> int:
+        """Position in the global stream of this rank's j-th item."""
+        return ((j // self.chunk) * self.world + self.rank) * self.chunk + j % self.chunk
+
+    def __iter__(self):
+        perm_epoch, perm = -1, None
+        j = self.start
+        while True:
+            g = self.global_position(j)
+            epoch, offset = divmod(g, self.n)
+            if epoch != perm_epoch:
+                perm_epoch = epoch
+                if self.shuffle:
+                    gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 0, purpose=2))
+                    perm = torch.randperm(self.n, generator=gen).tolist()
+                else:
+                    perm = list(range(self.n))
+            index = perm[offset]
+            yield index, sample_seed(self.seed, epoch, index)
+            j += 1
+
+
+def make_loader(dataset, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
+                start_batches: int = 0, num_workers: int = 2, pin_memory: bool = False):
+    """An endless DataLoader of ``batch_size`` batches for this rank, starting after
+    ``start_batches`` batches it already consumed (exact resume)."""
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                  drop_last=True, persistent_workers=False,
+                  prefetch_factor=2 if num_workers else None)
+    if isinstance(dataset, IterableDataset):
+        streams = world * max(1, num_workers)
+        if isinstance(dataset, TarShards) and dataset.train and len(dataset.shards) < streams:
+            raise ValueError(f"{len(dataset.shards)} shards cannot feed {world} ranks x "
+                             f"{max(1, num_workers)} workers: write at least {streams} shards "
+                             f"or lower --num-workers")
+        dataset.rank, dataset.world = rank, world
+        dataset.set_position(start_batches, batch_size)
+        return DataLoader(dataset, **common)
+    sampler = StreamSampler(len(dataset), seed=seed, rank=rank, world=world, chunk=batch_size,
+                            start=start_batches * batch_size)
+    return DataLoader(dataset, sampler=sampler, **common)

@@ -1,0 +1,191 @@
+"""Stage 1 of ViTok training: the autoencoder with MSE + eta * LPIPS + beta * KL.
+
+    torchrun --nproc_per_node 8 train/stage1.py                 # paper defaults: S-B/16, 256p
+    python train/stage1.py --smoke                              # tiny CPU run, ~1 minute
+    torchrun --nproc_per_node 8 train/stage1.py --data "shards/{000..099}.tar" --compile
+
+[paper] Section 2.3 (SPEC.md section 2): beta = 1e-3, eta = 1, AdamW (0.9, 0.95), weight
+decay 1e-4, peak lr 1e-4 * batch * frames / 256, cosine with 3% warm-up to 1e-5, gradient
+clipping 1.0, bf16, batch 1024 images / 256 videos, 100k steps. No EMA in stage 1.
+The model knows nothing of DDP, compile or checkpoints: they are applied here, from outside.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vitok_fast import ViTok, ViTokConfig
+from vitok_fast import distributed as D
+from vitok_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint
+from vitok_fast.data import make_dataset, make_loader
+from vitok_fast.losses import reconstruction_loss
+from vitok_fast.training import (NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
+                                 add_common_args, autocast_dtype, build_lpips, build_optimizer,
+                                 clip_grad_norm, cosine_schedule, evaluate, finalize_args,
+                                 heldout_batch, model_macs, noise_seed, peak_lr, rng_state,
+                                 save_grid, set_rng_state, write_bench)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--kl-weight", type=float, default=1e-3, help="beta [paper: 1e-3]")
+    return finalize_args(parser.parse_args(argv), parser, "stage1")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    dist = D.setup(args.device)
+    device, main_rank = dist.device, dist.is_main
+    dtype = autocast_dtype(args, device)
+    out_dir = Path(args.out_dir)
+
+    # -- everything that can fail on user input fails here, before training starts ----------
+    accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
+    torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
+    lpips = build_lpips(args, device)
+    train_set = make_dataset(args.data, args.resolution, args.frames,
+                             frame_stride=args.frame_stride, train=True, seed=args.seed)
+    val_batch = heldout_batch(args, args.val_images)
+    val_batch = val_batch.to(device) if val_batch is not None else None
+    config = ViTokConfig.from_name(args.model, channels=args.channels,
+                                   use_kernels=not args.no_kernels)
+    resume_from = resolve_checkpoint(args.resume, out_dir)
+
+    # -- model, optimizer, schedule; a resumed run reloads all of them -----------------------
+    model = ViTok(config).to(device)
+    state = load_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        model.load_state_dict(ViTok.from_pretrained(resume_from).state_dict())
+    if args.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.compile:  # per block, in place: state-dict keys are unchanged
+        for transformer in (model.encoder.transformer, model.decoder.transformer):
+            for block in transformer.blocks:
+                block.compile()
+    model = D.wrap_model(model, dist, args.parallel)
+    lr = peak_lr(args)
+    optimizer = build_optimizer(model, lr, args.weight_decay, device)
+    scheduler = cosine_schedule(optimizer, lr, args.max_steps, args.warmup_frac, args.min_lr)
+    guard = NonFiniteGuard(args.max_nonfinite)
+    step = 0
+    if state is not None:
+        D.load_optimizer_state(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        guard.load_state_dict(state["guard"])
+        set_rng_state(state["rng"][dist.rank % len(state["rng"])])
+        step = state["step"]
+
+    loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
+                         world=dist.world, start_batches=step * accum,
+                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    noise = torch.Generator(device)
+    logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="stage 1")
+    if main_rank:
+        logger.print(f"{config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+                     f"params | {dist.world} rank(s) x {args.micro_batch_size} x {accum} accum = "
+                     f"{args.global_batch_size} per step | peak lr {lr:.2e} | data {args.data} "
+                     f"({len(train_set) if hasattr(train_set, '__len__') else 'stream'}) | "
+                     + (f"resumed from {resume_from} at step {step}" if state else "fresh start"))
+    throughput = Throughput(model_macs(config, args.frames, args.resolution, args.resolution),
+                            device, dist.world)
+    losses, val_psnr = [], []
+
+    def checkpoint(step):
+        plain = D.full_model(model, lambda: ViTok(config))
+        opt_state = D.optimizer_state(model, optimizer)
+        rngs = D.gather_objects(rng_state())
+        n_skipped = skipped()  # collectives: every rank calls them
+        if main_rank:
+            save_checkpoint(out_dir, step, plain, {
+                "step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
+                "guard": guard.state_dict(), "rng": rngs, "args": vars(args),
+                "data": {"batches_per_rank": step * accum, "micro_batch": args.micro_batch_size,
+                         "world": dist.world, "skipped": n_skipped},
+            }, keep=args.keep)
+        D.barrier()
+
+    def skipped():
+        return int(D.all_max(train_set.skip_counts().to(device)).sum())
+
+    def evaluate_heldout(step):
+        value, recon = evaluate(D.unwrap(model), val_batch, dtype)  # all ranks (FSDP gathers)
+        val_psnr.append((step, value))
+        if main_rank:
+            save_grid(out_dir / "samples" / f"step_{step:08d}.png", val_batch, recon)
+            logger.log(step, {"val/psnr": value})
+            logger.print(f"step {step}: held-out PSNR {value:.2f} dB "
+                         f"({len(val_batch)} samples of {args.val_data})")
+            logger.plot()
+
+    # -- the loop ----------------------------------------------------------------------------
+    if val_batch is not None and step == 0:
+        evaluate_heldout(0)  # the baseline the run improves on
+    model.train()
+    while step < args.max_steps:
+        parts_sum = torch.zeros(4, device=device)  # total, mse, lpips, kl
+        for micro in range(accum):
+            x = next(batches).to(device, non_blocking=True)
+            noise.manual_seed(noise_seed(args.seed, step, micro * dist.world + dist.rank))
+            with D.sync_gradients(model, micro == accum - 1):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    recon, posterior = model(x, generator=noise)
+                    loss, parts = reconstruction_loss(x, recon, posterior, lpips,
+                                                      lpips_weight=args.lpips_weight,
+                                                      kl_weight=args.kl_weight)
+                (loss / accum).backward()
+            parts_sum += torch.stack([loss.detach(), parts["mse"], parts["lpips"], parts["kl"]])
+        grad_norm = clip_grad_norm(model.parameters(), args.grad_clip)  # after backward
+        parts_mean = D.all_mean(parts_sum / accum).tolist()
+        if guard.check(parts_mean[0], float(grad_norm), step):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_now = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        throughput.tick(args.global_batch_size)
+        losses.append(parts_mean[0])
+        logger.step()
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            per_s, mfu = throughput.rate()
+            n_skipped = skipped()
+            logger.log(step, {
+                "train/loss": parts_mean[0], "train/mse": parts_mean[1],
+                "train/lpips": parts_mean[2], "train/kl": parts_mean[3],
+                "train/grad_norm": float(grad_norm), "train/lr": lr_now,
+                "perf/images_per_s": per_s, "perf/mfu": mfu,
+                "train/nonfinite_steps": guard.skipped, "data/skipped_files": n_skipped,
+            }, bar={"loss": f"{parts_mean[0]:.4f}", "mse": f"{parts_mean[1]:.4f}",
+                    "lpips": f"{parts_mean[2]:.3f}", "kl": f"{parts_mean[3]:.2f}",
+                    "lr": f"{lr_now:.1e}", "img/s": f"{per_s:.0f}",
+                    **({"mfu": f"{mfu:.1%}"} if mfu is not None else {})})
+        if val_batch is not None and (step % args.eval_every == 0 or step == args.max_steps):
+            evaluate_heldout(step)
+        if step % args.save_every == 0 or step == args.max_steps:
+            checkpoint(step)
+
+    n_skipped = skipped()
+    if main_rank and n_skipped:
+        logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")
+    if main_rank and args.bench_out:
+        record = write_bench(args.bench_out, args, throughput, device, dist.world)
+        logger.print(f"throughput: {record['images_per_s_per_gpu']:.1f} images/s per GPU, "
+                     f"MFU {record['mfu']} -> {args.bench_out}")
+    logger.close()
+    D.cleanup()
+    return {"step": step, "losses": losses, "val_psnr": val_psnr, "skipped": n_skipped,
+            "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,250 @@
+"""Stage 2 of ViTok training: freeze the encoder, fine-tune the decoder with a GAN.
+
+    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16
+    python train/stage2.py --smoke --init runs/stage1-T-T_8        # tiny CPU run
+
+[paper] Section 2.3 (SPEC.md section 2): the encoder is frozen; the decoder trains on
+MSE + eta * LPIPS + lambda * GAN with a StyleGAN discriminator (lr 2e-5, 25k-step warm-up);
+batch 256 images / 128 videos, 100k steps; EMA of the weights with decay 0.9999, which is
+what ``<run>/step_*/ema`` holds and what the held-out PSNR and grids use.
+[ours] lambda defaults to 0.05 (the appendix ablation's best; Section 2.3 says 1.0), and the
+generator's GAN term ramps in linearly over the discriminator's warm-up.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from vitok_fast import ViTok
+from vitok_fast import distributed as D
+from vitok_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint
+from vitok_fast.data import make_dataset, make_loader
+from vitok_fast.discriminator import Discriminator
+from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
+                               reconstruction_loss)
+from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
+                                 add_common_args, autocast_dtype, build_lpips, build_optimizer,
+                                 clip_grad_norm, cosine_schedule, evaluate, finalize_args,
+                                 heldout_batch, model_macs, noise_seed, peak_lr, rng_state,
+                                 save_grid, set_rng_state, write_bench)
+
+
+def _init_config(spec):
+    import json
+
+    from vitok_fast import ViTokConfig
+    from vitok_fast.model import CONFIG_FILE
+
+    path = resolve_checkpoint(spec, spec, flag="--init")
+    return ViTokConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser)
+    g = parser.add_argument_group("stage 2")
+    g.add_argument("--init", required=True, help="stage-1 checkpoint directory (or a stage-1 "
+                   "run directory: its latest); the model (--model, --channels) is the one it holds")
+    g.add_argument("--gan-weight", type=float, default=0.05, help="lambda [ours: 0.05, see SPEC]")
+    g.add_argument("--disc-lr", type=float, default=2e-5, help="[paper] 2e-5")
+    g.add_argument("--disc-warmup", type=int, default=25_000,
+                   help="discriminator lr warm-up steps [paper: 25k]; the generator's GAN "
+                   "term ramps in over the same steps")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="[paper] 0.9999")
+    g.add_argument("--disc-channels", type=int, default=64,
+                   help="discriminator channels at full resolution, doubling per halving up to 512")
+    args = parser.parse_args(argv)
+    # The model is the stage-1 checkpoint's: take its name (and so image/video defaults) there.
+    config = _init_config(args.init)
+    args.model, args.channels = config.name, config.channels
+    if args.smoke:  # [ours] a faster EMA so that a 30-step run shows it moving
+        for key, value in (("disc_warmup", 5), ("disc_channels", 16), ("ema_decay", 0.9)):
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    if args.parallel == "fsdp":
+        parser.error("stage 2 supports --parallel ddp only (the EMA keeps a full decoder copy)")
+    return finalize_args(args, parser, "stage2")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    dist = D.setup(args.device)
+    device, main_rank = dist.device, dist.is_main
+    dtype = autocast_dtype(args, device)
+    out_dir = Path(args.out_dir)
+
+    # -- everything that can fail on user input fails here -----------------------------------
+    accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
+    init = resolve_checkpoint(args.init, args.init, flag="--init")
+    torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
+    lpips = build_lpips(args, device)
+    train_set = make_dataset(args.data, args.resolution, args.frames,
+                             frame_stride=args.frame_stride, train=True, seed=args.seed)
+    val_batch = heldout_batch(args, args.val_images)
+    val_batch = val_batch.to(device) if val_batch is not None else None
+    resume_from = resolve_checkpoint(args.resume, out_dir)
+
+    # -- the stage-1 model with a frozen encoder, a discriminator, the EMA -------------------
+    model = ViTok.from_pretrained(resume_from or init, device=device,
+                                  use_kernels=not args.no_kernels)
+    config = model.config
+    model.encoder.requires_grad_(False)
+    disc = Discriminator(args.resolution, args.disc_channels).to(device)
+    ema = EMA(model, args.ema_decay, track="decoder")
+    state = load_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        ema.model.load_state_dict(ViTok.from_pretrained(resume_from / "ema").state_dict())
+        disc.load_state_dict(state["discriminator"])
+    if args.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.compile:
+        for block in model.decoder.transformer.blocks:
+            block.compile()
+    model, disc_ddp = D.wrap_model(model, dist, "ddp"), D.wrap_model(disc, dist, "ddp")
+    lr = peak_lr(args)
+    opt_g = build_optimizer(model, lr, args.weight_decay, device)  # decoder only: encoder frozen
+    opt_d = build_optimizer(disc, args.disc_lr, args.weight_decay, device)
+    sched_g = cosine_schedule(opt_g, lr, args.max_steps, args.warmup_frac, args.min_lr)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(  # [paper] linear warm-up, then constant
+        opt_d, lambda s: min(1.0, (s + 1) / max(1, args.disc_warmup)))
+    guard = NonFiniteGuard(args.max_nonfinite)
+    step = 0
+    if state is not None:
+        opt_g.load_state_dict(state["optimizer"])
+        opt_d.load_state_dict(state["disc_optimizer"])
+        sched_g.load_state_dict(state["scheduler"])
+        sched_d.load_state_dict(state["disc_scheduler"])
+        guard.load_state_dict(state["guard"])
+        set_rng_state(state["rng"][dist.rank % len(state["rng"])])
+        step = state["step"]
+
+    loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
+                         world=dist.world, start_batches=step * accum,
+                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    noise = torch.Generator(device)
+    logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="stage 2")
+    if main_rank:
+        logger.print(f"{config.name} from {init}: decoder + discriminator "
+                     f"({sum(p.numel() for p in disc.parameters()) / 1e6:.1f}M) | "
+                     f"{dist.world} x {args.micro_batch_size} x {accum} = {args.global_batch_size}"
+                     f" | lr {lr:.2e}, disc lr {args.disc_lr:.1e} | GAN weight {args.gan_weight} | "
+                     + (f"resumed at step {step}" if state else "fresh start"))
+    macs = model_macs(config, args.frames, args.resolution, args.resolution)
+    dec_params = sum(p.numel() for p in D.unwrap(model).decoder.parameters())
+    all_params = sum(p.numel() for p in D.unwrap(model).parameters())
+    throughput = Throughput(macs, device, dist.world, trained_fraction=dec_params / all_params)
+    losses, val_psnr = [], []
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def skipped():
+        return int(D.all_max(train_set.skip_counts().to(device)).sum())
+
+    def evaluate_heldout(step):
+        value, recon = evaluate(ema.model, val_batch, dtype)  # [paper] the EMA is evaluated
+        val_psnr.append((step, value))
+        if main_rank:
+            save_grid(out_dir / "samples" / f"step_{step:08d}.png", val_batch, recon)
+            logger.log(step, {"val/psnr_ema": value})
+            logger.print(f"step {step}: held-out PSNR (EMA) {value:.2f} dB")
+            logger.plot()
+
+    # -- the loop ----------------------------------------------------------------------------
+    if val_batch is not None and step == 0:
+        evaluate_heldout(0)
+    model.train()
+    while step < args.max_steps:
+        gan_w = args.gan_weight * min(1.0, step / max(1, args.disc_warmup))  # ramp in
+        parts_sum = torch.zeros(6, device=device)  # g total, mse, lpips, gan, d loss, d acc
+        for micro in range(accum):
+            x = next(batches).to(device, non_blocking=True)
+            noise.manual_seed(noise_seed(args.seed, step, micro * dist.world + dist.rank))
+            last = micro == accum - 1
+            # Decoder: reconstruction + GAN, judged by a discriminator that is not updated here.
+            disc.requires_grad_(False)
+            with D.sync_gradients(model, last):
+                with autocast():
+                    recon, posterior = model(x, generator=noise)
+                    rec, parts = reconstruction_loss(x, recon, posterior, lpips,
+                                                     lpips_weight=args.lpips_weight, kl_weight=0.0)
+                    gan = g_adversarial_loss(disc(frames_as_images(recon)))
+                    loss_g = rec + gan_w * gan
+                (loss_g / accum).backward()
+            disc.requires_grad_(True)
+            # Discriminator: hinge loss on real frames and detached reconstructions.
+            with D.sync_gradients(disc_ddp, last):
+                with autocast():
+                    logits = disc_ddp(torch.cat([frames_as_images(x),
+                                                 frames_as_images(recon.detach())]))
+                    real, fake = logits.chunk(2)
+                    loss_d = d_hinge_loss(real, fake)
+                (loss_d / accum).backward()
+            acc = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
+            parts_sum += torch.stack([loss_g.detach(), parts["mse"], parts["lpips"],
+                                      gan.detach(), loss_d.detach(), acc.detach()])
+        grad_norm = clip_grad_norm(model.parameters(), args.grad_clip)
+        d_grad_norm = clip_grad_norm(disc.parameters(), args.grad_clip)
+        parts_mean = D.all_mean(parts_sum / accum).tolist()
+        ok = guard.check(parts_mean[0] + parts_mean[4], float(grad_norm) + float(d_grad_norm), step)
+        if ok:
+            opt_g.step()
+            opt_d.step()
+            ema.update(D.unwrap(model))
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+        lr_now, dlr_now = sched_g.get_last_lr()[0], sched_d.get_last_lr()[0]
+        sched_g.step()
+        sched_d.step()
+        step += 1
+        throughput.tick(args.global_batch_size)
+        losses.append(parts_mean[0])
+        logger.step()
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            per_s, mfu = throughput.rate()
+            logger.log(step, {
+                "train/loss_g": parts_mean[0], "train/mse": parts_mean[1],
+                "train/lpips": parts_mean[2], "train/gan_g": parts_mean[3],
+                "train/loss_d": parts_mean[4], "train/d_accuracy": parts_mean[5],
+                "train/gan_weight": gan_w, "train/grad_norm": float(grad_norm),
+                "train/d_grad_norm": float(d_grad_norm), "train/lr": lr_now, "train/d_lr": dlr_now,
+                "perf/images_per_s": per_s, "perf/mfu": mfu,
+                "train/nonfinite_steps": guard.skipped, "data/skipped_files": skipped(),
+            }, bar={"g": f"{parts_mean[0]:.4f}", "mse": f"{parts_mean[1]:.4f}",
+                    "d": f"{parts_mean[4]:.3f}", "d_acc": f"{parts_mean[5]:.2f}",
+                    "lr": f"{lr_now:.1e}", "img/s": f"{per_s:.0f}"})
+        if val_batch is not None and (step % args.eval_every == 0 or step == args.max_steps):
+            evaluate_heldout(step)
+        if step % args.save_every == 0 or step == args.max_steps:
+            rngs = D.gather_objects(rng_state())
+            n_skipped = skipped()  # collectives: every rank calls them
+            if main_rank:
+                save_checkpoint(out_dir, step, D.unwrap(model), {
+                    "step": step, "optimizer": opt_g.state_dict(), "scheduler": sched_g.state_dict(),
+                    "discriminator": disc.state_dict(), "disc_optimizer": opt_d.state_dict(),
+                    "disc_scheduler": sched_d.state_dict(), "guard": guard.state_dict(),
+                    "rng": rngs, "args": vars(args), "init": str(init),
+                    "data": {"batches_per_rank": step * accum, "skipped": n_skipped},
+                }, extra_models={"ema": ema.model}, keep=args.keep)
+            D.barrier()
+
+    n_skipped = skipped()
+    if main_rank and n_skipped:
+        logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")
+    if main_rank and args.bench_out:
+        write_bench(args.bench_out, args, throughput, device, dist.world)
+    logger.close()
+    D.cleanup()
+    return {"step": step, "losses": losses, "val_psnr": val_psnr, "skipped": n_skipped,
+            "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,468 @@
+"""What train/stage1.py and train/stage2.py share: arguments, optimizer and schedule, the
+non-finite guard, EMA, throughput and MFU, held-out evaluation, logging. The loops
+themselves stay in the scripts, where a reader can see them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vitok_fast.config import ViTokConfig
+from vitok_fast.losses import psnr
+
+# -- arguments ----------------------------------------------------------------------------
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Arguments both stages take. Defaults are the paper's (SPEC.md section 2) for
+    ViTok S-B/16 at 256p on the embedded photos; ``--smoke`` swaps in a CPU-sized run."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="S-B/16", help="paper-style name, e.g. S-B/16, S-L/16, S-B/4x8")
+    g.add_argument("--channels", type=int, default=16, help="bottleneck channels c [paper: 16]")
+    g.add_argument("--resolution", type=int, default=256)
+    g.add_argument("--frames", type=int, default=None,
+                   help="frames per clip (default: 1 for image models, 16 for video models)")
+    g.add_argument("--frame-stride", type=int, default=1)
+    g.add_argument("--data", default=None, help="folder, video file, 'shards/{000..099}.tar', "
+                   "'embedded' (photos shipped with scikit-image) or 'embedded-video' "
+                   "(default: embedded / embedded-video)")
+    g.add_argument("--val-data", default=None, help="held-out data for the PSNR and image grids "
+                   "(default: the embedded held-out photos for embedded data, else none)")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loader workers per rank")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="images (or clips) per optimizer step over all ranks")
+    g.add_argument("--micro-batch-size", type=int, default=32,
+                   help="per rank and forward pass; the rest is gradient accumulation")
+    g.add_argument("--max-steps", type=int, default=100_000)
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak lr (default: 1e-4 * global batch * frames / 256)")
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--warmup-frac", type=float, default=0.03)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--lpips-weight", type=float, default=1.0, help="eta [paper: 1.0]")
+    g.add_argument("--lpips-vgg", default=None, help="VGG16 weights for LPIPS "
+                   "(default: torchvision's cache); 'random' = random backbone, smoke/tests only")
+    g.add_argument("--max-nonfinite", type=int, default=10,
+                   help="stop after this many non-finite steps in a row")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speed")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--activation-checkpointing", action="store_true")
+    g.add_argument("--no-kernels", action="store_true", help="plain-PyTorch ops instead of the "
+                   "fused Triton kernels")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", default=None, help="run directory (default: runs/<stage>-<model>)")
+    g.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in --out-dir if "
+                   "any), a checkpoint directory, or '' to start fresh")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--save-every", type=int, default=2000)
+    g.add_argument("--eval-every", type=int, default=1000)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--val-images", type=int, default=8)
+    g.add_argument("--bench-out", default=None, help="write throughput (images/s, MFU) as JSON "
+                   "here at the end of the run")
+    g.add_argument("--smoke", action="store_true",
+                   help="a CPU-sized run: T-T/8 at 32px, batch 8, 30 steps, embedded data, "
+                   "random LPIPS backbone unless --lpips-vgg is given")
+
+
+# [ours] The paper's lr rule gives 3e-6 at batch 8, far too low for a model this small.
+SMOKE = dict(model="T-T/8", resolution=32, global_batch_size=8, micro_batch_size=4, max_steps=30,
+             lr=1e-3,
+             save_every=10, eval_every=10, log_every=5, num_workers=0, val_images=4)
+
+
+def finalize_args(args, parser, stage: str) -> argparse.Namespace:
+    """Apply ``--smoke`` (only to options the user left at their defaults) and the defaults
+    that depend on the model (frames, batch sizes, data)."""
+    if args.smoke:
+        for key, value in SMOKE.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+        if args.lpips_vgg is None:
+            args.lpips_vgg = "random"
+    config = ViTokConfig.from_name(args.model, channels=args.channels)
+    video = config.is_video
+    if args.frames is None:
+        args.frames = 16 if video else 1
+    if args.data is None:
+        args.data = "embedded-video" if video else "embedded"
+    if args.val_data is None and args.data in ("embedded", "embedded-video"):
+        args.val_data = args.data + ":val"
+    if args.global_batch_size is None:  # [paper] Section 2.3
+        args.global_batch_size = {("stage1", False): 1024, ("stage1", True): 256,
+                                  ("stage2", False): 256, ("stage2", True): 128}[stage, video]
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", f"{stage}-{args.model.replace('/', '_')}")
+    for key in ("resolution", "micro_batch_size", "max_steps", "global_batch_size"):
+        if getattr(args, key) <= 0:
+            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    return args
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
+    if global_batch % (micro_batch * world):
+        raise ValueError(
+            f"--global-batch-size {global_batch} must be a multiple of --micro-batch-size "
+            f"{micro_batch} x world size {world} = {micro_batch * world}")
+    return global_batch // (micro_batch * world)
+
+
+def autocast_dtype(args, device: torch.device) -> torch.dtype:
+    name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def build_lpips(args, device):
+    """LPIPS (VGG) before anything else runs, so a missing VGG file stops the run at once."""
+    if args.lpips_weight <= 0:
+        return None
+    from vitok_fast.perceptual import load_lpips
+
+    if args.lpips_vgg == "random":
+        return load_lpips(pretrained_backbone=False, device=device)
+    return load_lpips(args.lpips_vgg, device=device)
+
+
+# -- optimizer and schedule -----------------------------------------------------------------
+
+
+def peak_lr(args) -> float:
+    """[paper] 1e-4 per 256 samples, counting every frame of a clip (batch * frames / 256)."""
+    return args.lr if args.lr is not None else 1e-4 * args.global_batch_size * args.frames / 256
+
+
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                    betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW [paper: betas (0.9, 0.95), wd 1e-4]; no decay on norms and biases (1-d tensors),
+    fused on CUDA."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def cosine_schedule(optimizer, peak: float, total_steps: int, warmup_frac: float = 0.03,
+                    min_lr: float = 1e-5):
+    """Linear warm-up over ``warmup_frac`` of the steps, then cosine to ``min_lr``
+    [authors' code]. If the peak is below ``min_lr`` (tiny batches) the floor is the peak."""
+    warmup = max(1, round(warmup_frac * total_steps))
+    floor = min(min_lr, peak)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return (floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))) / peak
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class NonFiniteGuard:
+    """Skip steps whose loss or gradient norm is NaN/inf; stop after ``limit`` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.skipped = limit, 0, 0
+
+    def check(self, loss: float, grad_norm: float, step: int) -> bool:
+        """True if the step may be applied."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"{self.in_a_row} non-finite steps in a row (last at step {step}: loss {loss}, "
+                f"grad norm {grad_norm}); stopping. Lower --lr, use --dtype fp32 to rule out "
+                f"bf16 overflow, or resume from an earlier checkpoint.")
+        return False
+
+    def state_dict(self):
+        return {"in_a_row": self.in_a_row, "skipped": self.skipped}
+
+    def load_state_dict(self, s):
+        self.in_a_row, self.skipped = s["in_a_row"], s["skipped"]
+
+
+class EMA:
+    """An exponential moving average of a module's parameters, kept in fp32 in a full copy
+    of ``model`` so that it can be evaluated and saved as a ViTok [paper: decay 0.9999,
+    stage 2 only]. ``track`` picks the sub-module whose parameters are averaged."""
+
+    def __init__(self, model: nn.Module, decay: float, track: str = "decoder"):
+        self.decay, self.track = decay, track
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = list(self.model.get_submodule(self.track).parameters())
+        params = list(model.get_submodule(self.track).parameters())
+        torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1.0 - self.decay)
+
+
+def noise_seed(seed: int, step: int, chunk: int) -> int:
+    """The posterior-sampling seed of micro-batch ``chunk`` (= micro index * world + rank) of
+    ``step``: a pure function of the global sample positions, so 1 process x k micro-batches
+    and k processes x 1 draw the same noise, and a resumed run the same as an uninterrupted
+    one."""
+    return int(np.random.SeedSequence([seed, step, chunk, 7]).generate_state(1)[0])
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- throughput and MFU --------------------------------------------------------------------
+
+
+def model_macs(config: ViTokConfig, frames: int, height: int, width: int) -> int:
+    """Multiply-accumulates of one forward pass on one sample (matmuls and attention; norms,
+    RoPE and activations are negligible). S-B/16 at 256p: 34.6 G [paper Table 3: 34.8]."""
+    t, h, w = config.grid(frames, height, width)
+    n = t * h * w
+
+    def transformer(d, depth, hidden):
+        return depth * (n * (4 * d * d + 3 * d * hidden) + 2 * n * n * d)
+
+    c = config
+    return (n * c.patch_dim * c.encoder_width
+            + transformer(c.encoder_width, c.encoder_depth, c.encoder_mlp_hidden)
+            + n * c.encoder_width * 2 * c.channels + n * c.channels * c.decoder_width
+            + transformer(c.decoder_width, c.decoder_depth, c.decoder_mlp_hidden)
+            + n * c.decoder_width * c.patch_dim)
+
+
+# Dense bf16 tensor-core peaks in FLOP/s (vendor data sheets), for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class Throughput:
+    """Samples/s over the steps since the last call, and the model FLOPs utilisation:
+    MFU = 3 x 2 x MACs (forward + backward) x samples/s / peak, model only (LPIPS and the
+    discriminator are not counted: they are overhead)."""
+
+    def __init__(self, macs_per_sample: int, device: torch.device, world: int,
+                 trained_fraction: float = 1.0):
+        self.flops_per_sample = 2 * macs_per_sample * (1 + 2 * trained_fraction)
+        self.peak = peak_flops(device)
+        self.world, self.device = world, device
+        self.t0, self.samples, self.history = time.perf_counter(), 0, []
+
+    def tick(self, samples: int) -> None:
+        self.samples += samples
+
+    def rate(self) -> tuple[float, float | None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        per_s = self.samples / max(now - self.t0, 1e-9)
+        self.t0, self.samples = now, 0
+        mfu = per_s * self.flops_per_sample / (self.peak * self.world) if self.peak else None
+        self.history.append(per_s)
+        return per_s, mfu
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_bench(path, args, throughput: Throughput, device, world: int, skip_first: int = 1):
+    """Median samples/s over the logged windows after the first ``skip_first`` (compile and
+    warm-up), as bench/results JSON."""
+    import triton
+
+    rates = throughput.history[skip_first:] or throughput.history
+    per_s = float(np.median(rates)) if rates else float("nan")
+    mfu = per_s * throughput.flops_per_sample / (throughput.peak * world) if throughput.peak else None
+    record = {
+        "name": Path(path).stem, "model": args.model, "resolution": args.resolution,
+        "frames": args.frames, "global_batch": args.global_batch_size,
+        "micro_batch": args.micro_batch_size, "world": world,
+        "compile": args.compile, "kernels": not args.no_kernels,
+        "activation_checkpointing": args.activation_checkpointing,
+        "lpips": args.lpips_weight > 0, "dtype": str(autocast_dtype(args, device)),
+        "images_per_s_total": per_s, "images_per_s_per_gpu": per_s / world, "mfu": mfu,
+        "mfu_counts": "model fwd+bwd matmuls and attention (6 x MACs); LPIPS not counted",
+        "windows": rates, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+        "commit": git_commit(),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# -- held-out evaluation and logging (rank 0 writes) ---------------------------------------
+
+
+def heldout_batch(args, n: int) -> torch.Tensor | None:
+    """The first ``n`` held-out samples, centre-cropped: the same every evaluation."""
+    from vitok_fast.data import make_dataset
+
+    source = args.val_data
+    if not source:
+        return None
+    ds = make_dataset(source, args.resolution, args.frames, frame_stride=args.frame_stride,
+                      train=False, seed=args.seed)
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        items = [x for _, x in zip(range(n), ds)]
+    else:
+        items = [ds[i] for i in range(min(n, len(ds)))]
+    return torch.stack(items)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batch: torch.Tensor, dtype: torch.dtype):
+    """Reconstruct ``batch`` from the posterior mean; returns (mean PSNR in dB, recon)."""
+    was_training = model.training
+    model.eval()
+    with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        recon, _ = model(batch, sample=False)
+    model.train(was_training)
+    recon = recon.float().clamp(-1, 1)
+    return float(psnr(batch, recon).mean()), recon
+
+
+def save_grid(path, inputs: torch.Tensor, recon: torch.Tensor) -> None:
+    """A PNG: each row an input beside its reconstruction (videos: a row of input frames
+    over a row of reconstructed frames, per clip)."""
+    from PIL import Image
+
+    from vitok_fast.model import _atomic_write
+
+    if inputs.ndim == 4:
+        rows = [torch.cat([a, b], dim=2) for a, b in zip(inputs, recon)]  # (3, H, 2W)
+    else:
+        rows = [torch.cat(list(clip.unbind(1)), dim=2) for pair in zip(inputs, recon)
+                for clip in pair]  # (3, H, T*W)
+    grid = torch.cat(rows, dim=1)
+    pixels = ((grid.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+class RunLogger:
+    """Rank 0's view of a run: a tqdm bar, TensorBoard scalars, ``metrics.jsonl`` (one line
+    per logged step) and ``loss.png``. Other ranks get a logger that does nothing."""
+
+    def __init__(self, out_dir, active: bool, start: int, total: int, desc: str):
+        self.active, self.out_dir = active, Path(out_dir)
+        self.writer = self.bar = None
+        if not active:
+            return
+        from tqdm import tqdm
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=start)
+        except ImportError:
+            self.print("tensorboard is not installed: scalars go to metrics.jsonl only "
+                       "(pip install tensorboard)")
+        self.metrics = open(self.out_dir / "metrics.jsonl", "a")
+
+    def print(self, message: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def step(self, n: int = 1) -> None:
+        if self.active:
+            self.bar.update(n)
+
+    def log(self, step: int, scalars: dict, bar: dict | None = None) -> None:
+        if not self.active:
+            return
+        if bar:
+            self.bar.set_postfix(bar, refresh=False)
+        if self.writer is not None:
+            for key, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(key, value, step)
+        self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.metrics.flush()
+
+    def plot(self) -> None:
+        """``loss.png``: each logged scalar under train/ and val/ against the step."""
+        if not self.active:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in open(self.out_dir / "metrics.jsonl")]
+        keys = sorted({k for r in rows for k in r if k.startswith(("train/", "val/"))})
+        if not keys:
+            return
+        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2 * len(keys)), sharex=True,
+                                 squeeze=False)
+        for ax, key in zip(axes[:, 0], keys):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot(*zip(*pts))
+            ax.set_ylabel(key, fontsize=8)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(self.out_dir / "loss.png", dpi=80)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            if self.writer is not None:
+                self.writer.close()
+            self.metrics.close()
