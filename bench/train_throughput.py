@@ -38,6 +38,9 @@ def main():
     p.add_argument("--micro-batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--num-workers", type=int, default=12,
+                   help="data-loader workers: decoding and resizing photos on the CPU must keep "
+                   "up with ~1000 images/s")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default=None, help="default: bench/results/train_<gpu>.json")
     args = p.parse_args()
@@ -56,7 +59,7 @@ def main():
                    "--global-batch-size", str(args.micro_batch_size * args.accum),
                    "--max-steps", str(args.steps), "--log-every", "5",
                    "--save-every", str(10**9), "--eval-every", str(10**9), "--val-images", "2",
-                   "--lpips-vgg", "random", "--resume", "", "--out-dir", f"{tmp}/{name}",
+                   "--lpips-vgg", "random", "--num-workers", str(args.num_workers), "--resume", "", "--out-dir", f"{tmp}/{name}",
                    "--bench-out", str(record), *VARIANTS[name]]
             print(f"== {name}: {' '.join(cmd)}", flush=True)
             run = subprocess.run(cmd, cwd=ROOT)

@@ -12,7 +12,6 @@ The model knows nothing of DDP, compile or checkpoints: they are applied here, f
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +24,9 @@ from vitok_fast.losses import reconstruction_loss
 from vitok_fast.training import (NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
                                  add_common_args, autocast_dtype, build_lpips, build_optimizer,
                                  clip_grad_norm, cosine_schedule, evaluate, finalize_args,
-                                 heldout_batch, model_macs, noise_seed, peak_lr, rng_state,
-                                 save_grid, set_rng_state, write_bench)
+                                 heldout_batch, model_macs, noise_seed, peak_lr,
+                                 resume_differences, rng_state, save_grid, set_rng_state,
+                                 write_bench)
 
 
 def parse_args(argv=None):
@@ -79,6 +79,10 @@ def main(argv=None) -> dict:
         guard.load_state_dict(state["guard"])
         set_rng_state(state["rng"][dist.rank % len(state["rng"])])
         step = state["step"]
+        changed = resume_differences(state["args"], args)
+        if changed and main_rank:
+            print(f"warning: resuming with changed settings ({', '.join(changed)}): the run "
+                  f"continues, but not exactly as the original would have", file=sys.stderr)
 
     loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
                          world=dist.world, start_batches=step * accum,

@@ -27,8 +27,9 @@ from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_los
 from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
                                  add_common_args, autocast_dtype, build_lpips, build_optimizer,
                                  clip_grad_norm, cosine_schedule, evaluate, finalize_args,
-                                 heldout_batch, model_macs, noise_seed, peak_lr, rng_state,
-                                 save_grid, set_rng_state, write_bench)
+                                 heldout_batch, model_macs, noise_seed, peak_lr,
+                                 resume_differences, rng_state, save_grid, set_rng_state,
+                                 write_bench)
 
 
 def _init_config(spec):
@@ -120,6 +121,10 @@ def main(argv=None) -> dict:
         guard.load_state_dict(state["guard"])
         set_rng_state(state["rng"][dist.rank % len(state["rng"])])
         step = state["step"]
+        changed = resume_differences(state["args"], args)
+        if changed and main_rank:
+            print(f"warning: resuming with changed settings ({', '.join(changed)}): the run "
+                  f"continues, but not exactly as the original would have", file=sys.stderr)
 
     loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
                          world=dist.world, start_batches=step * accum,

@@ -118,6 +118,18 @@ def finalize_args(args, parser, stage: str) -> argparse.Namespace:
     return args
 
 
+# Arguments that fix the sample stream, the noise and the schedule: a resume that changes
+# one of them is no longer an exact continuation.
+_RESUME_EXACT = ("seed", "global_batch_size", "max_steps", "resolution", "frames", "frame_stride",
+                 "data", "lr", "warmup_frac", "min_lr")
+
+
+def resume_differences(saved: dict, args) -> list[str]:
+    """Arguments whose change since the checkpoint breaks an exact resume, as ``a -> b``."""
+    return [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in _RESUME_EXACT
+            if k in saved and saved[k] != getattr(args, k)]
+
+
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
     if global_batch % (micro_batch * world):
         raise ValueError(
