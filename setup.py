@@ -5,8 +5,14 @@ from setuptools import setup
 CORE = ["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "einops>=0.7",
         "safetensors>=0.4", "numpy>=1.24"]
 EXTRAS = {
+    # Stage 1/2 training: LPIPS (VGG), logs and plots, video decoding, the embedded photos.
+    # WebDataset-format shards are read with the standard library's tarfile; the
+    # `webdataset` package is listed for users' own pipelines over the same shards.
     "train": ["lpips>=0.1.4", "tensorboard>=2.14", "tqdm>=4.66", "webdataset>=0.2.86", "av>=12",
-              "scikit-image>=0.22"],
+              "scikit-image>=0.22", "matplotlib>=3.8", "Pillow>=10"],
+    # Metrics and the evaluate / reconstruct / encode / decode tools.
+    "eval": ["torch-fidelity>=0.3", "lpips>=0.1.4", "av>=12", "matplotlib>=3.8", "tqdm>=4.66",
+             "scikit-image>=0.22", "Pillow>=10"],
     "bench": ["diffusers>=0.27", "pytest-benchmark>=4.0", "nvtx>=0.2.10", "matplotlib>=3.8"],
 }
 EXTRAS["dev"] = sorted({dep for deps in EXTRAS.values() for dep in deps} | {"pytest>=8"})
