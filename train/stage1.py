@@ -25,7 +25,7 @@ from vitok_fast.training import (NonFiniteGuard, RunLogger, Throughput, accumula
                                  add_common_args, autocast_dtype, build_lpips, build_optimizer,
                                  clip_grad_norm, cosine_schedule, evaluate, finalize_args,
                                  heldout_batch, model_macs, noise_seed, peak_lr,
-                                 resume_differences, rng_state, save_grid, set_rng_state,
+                                 restore_run_state, rng_state, save_grid,
                                  write_bench)
 
 
@@ -76,13 +76,7 @@ def main(argv=None) -> dict:
     if state is not None:
         D.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        guard.load_state_dict(state["guard"])
-        set_rng_state(state["rng"][dist.rank % len(state["rng"])])
-        step = state["step"]
-        changed = resume_differences(state["args"], args)
-        if changed and main_rank:
-            print(f"warning: resuming with changed settings ({', '.join(changed)}): the run "
-                  f"continues, but not exactly as the original would have", file=sys.stderr)
+        step = restore_run_state(state, args, guard, dist.rank, main_rank)
 
     loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
                          world=dist.world, start_batches=step * accum,
@@ -96,7 +90,7 @@ def main(argv=None) -> dict:
                      f"{args.global_batch_size} per step | peak lr {lr:.2e} | data {args.data} "
                      f"({len(train_set) if hasattr(train_set, '__len__') else 'stream'}) | "
                      + (f"resumed from {resume_from} at step {step}" if state else "fresh start"))
-    throughput = Throughput(model_macs(config, args.frames, args.resolution, args.resolution),
+    throughput = Throughput(model_macs(config, args.frames, args.resolution),
                             device, dist.world)
     losses, val_psnr = [], []
 

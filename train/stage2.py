@@ -28,7 +28,7 @@ from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, acc
                                  add_common_args, autocast_dtype, build_lpips, build_optimizer,
                                  clip_grad_norm, cosine_schedule, evaluate, finalize_args,
                                  heldout_batch, model_macs, noise_seed, peak_lr,
-                                 resume_differences, rng_state, save_grid, set_rng_state,
+                                 restore_run_state, rng_state, save_grid,
                                  write_bench)
 
 
@@ -118,13 +118,7 @@ def main(argv=None) -> dict:
         opt_d.load_state_dict(state["disc_optimizer"])
         sched_g.load_state_dict(state["scheduler"])
         sched_d.load_state_dict(state["disc_scheduler"])
-        guard.load_state_dict(state["guard"])
-        set_rng_state(state["rng"][dist.rank % len(state["rng"])])
-        step = state["step"]
-        changed = resume_differences(state["args"], args)
-        if changed and main_rank:
-            print(f"warning: resuming with changed settings ({', '.join(changed)}): the run "
-                  f"continues, but not exactly as the original would have", file=sys.stderr)
+        step = restore_run_state(state, args, guard, dist.rank, main_rank)
 
     loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
                          world=dist.world, start_batches=step * accum,
@@ -138,7 +132,7 @@ def main(argv=None) -> dict:
                      f"{dist.world} x {args.micro_batch_size} x {accum} = {args.global_batch_size}"
                      f" | lr {lr:.2e}, disc lr {args.disc_lr:.1e} | GAN weight {args.gan_weight} | "
                      + (f"resumed at step {step}" if state else "fresh start"))
-    macs = model_macs(config, args.frames, args.resolution, args.resolution)
+    macs = model_macs(config, args.frames, args.resolution)
     dec_params = sum(p.numel() for p in D.unwrap(model).decoder.parameters())
     all_params = sum(p.numel() for p in D.unwrap(model).parameters())
     throughput = Throughput(macs, device, dist.world, trained_fraction=dec_params / all_params)

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +129,18 @@ def resume_differences(saved: dict, args) -> list[str]:
     """Arguments whose change since the checkpoint breaks an exact resume, as ``a -> b``."""
     return [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in _RESUME_EXACT
             if k in saved and saved[k] != getattr(args, k)]
+
+
+def restore_run_state(state: dict, args, guard: "NonFiniteGuard", rank: int, main_rank: bool) -> int:
+    """Restore what both stages' checkpoints share (non-finite guard, this rank's RNG) and
+    return the step; warn when changed settings make the resume inexact."""
+    guard.load_state_dict(state["guard"])
+    set_rng_state(state["rng"][rank % len(state["rng"])])
+    changed = resume_differences(state["args"], args)
+    if changed and main_rank:
+        print(f"warning: resuming with changed settings ({', '.join(changed)}): the run "
+              f"continues, but not exactly as the original would have", file=sys.stderr)
+    return state["step"]
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
@@ -263,21 +276,12 @@ def set_rng_state(state: dict) -> None:
 # -- throughput and MFU --------------------------------------------------------------------
 
 
-def model_macs(config: ViTokConfig, frames: int, height: int, width: int) -> int:
-    """Multiply-accumulates of one forward pass on one sample (matmuls and attention; norms,
-    RoPE and activations are negligible). S-B/16 at 256p: 34.6 G [paper Table 3: 34.8]."""
-    t, h, w = config.grid(frames, height, width)
-    n = t * h * w
+def model_macs(config: ViTokConfig, frames: int, resolution: int) -> int:
+    """Multiply-accumulates of one forward pass on one sample, from the same counter as
+    ``bench/flops.py`` (FlopCounterMode on the meta device; S-B/16 at 256p: 34.7 G)."""
+    from vitok_fast.flops import count_vitok
 
-    def transformer(d, depth, hidden):
-        return depth * (n * (4 * d * d + 3 * d * hidden) + 2 * n * n * d)
-
-    c = config
-    return (n * c.patch_dim * c.encoder_width
-            + transformer(c.encoder_width, c.encoder_depth, c.encoder_mlp_hidden)
-            + n * c.encoder_width * 2 * c.channels + n * c.channels * c.decoder_width
-            + transformer(c.decoder_width, c.decoder_depth, c.decoder_mlp_hidden)
-            + n * c.decoder_width * c.patch_dim)
+    return count_vitok(config, resolution, frames)["total"]["macs"]
 
 
 # Dense bf16 tensor-core peaks in FLOP/s (vendor data sheets), for MFU.
