@@ -53,7 +53,8 @@ def test_evaluate_cli_prints_a_table_and_writes_json(ckpt, tmp_path, capsys):
 def test_evaluate_cli_names_missing_weights_and_checkpoints(ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match=M.INCEPTION_FILE):
         evaluate.main(["--ckpt", str(ckpt), *EVAL, "--metrics", "fid"])
-    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth.*--lpips-vgg"):
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af.pth.*--lpips-vgg PATH, or leave "
+                                                r"LPIPS out with --metrics"):
         evaluate.main(["--ckpt", str(ckpt), *EVAL, "--metrics", "lpips",
                        "--lpips-vgg", str(tmp_path / "vgg.pth")])
     with pytest.raises(FileNotFoundError, match="not a directory"):
@@ -178,3 +179,17 @@ def test_training_checkpoint_folders_resolve_to_their_model(ckpt, tmp_path):
     shutil.copytree(ckpt, run / "ema")
     with pytest.raises(ValueError, match="several model checkpoints.*ema.*model"):
         resolve_ckpt(run)
+
+
+def test_ckpt_may_be_a_training_run_directory(tmp_path, capsys):
+    from vitok_fast.checkpoint import STATE_FILE
+    from vitok_fast.evaluate import resolve_ckpt
+
+    model = ViTok.from_name("T-T/8", use_kernels=False)
+    for step in (10, 20):
+        model.save_pretrained(tmp_path / f"step_{step:08d}")
+        (tmp_path / f"step_{step:08d}" / STATE_FILE).write_bytes(b"")
+    assert resolve_ckpt(tmp_path) == tmp_path / "step_00000020"
+    model.save_pretrained(tmp_path / "step_00000020" / "ema")  # stage 2 keeps its EMA here
+    assert resolve_ckpt(tmp_path) == tmp_path / "step_00000020" / "ema"
+    assert "using the latest checkpoint of the run" in capsys.readouterr().err

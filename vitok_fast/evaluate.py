@@ -135,7 +135,8 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
 
 
 def resolve_ckpt(path) -> Path:
-    """A save_pretrained directory, or a training checkpoint holding exactly one such folder.
+    """A save_pretrained directory; a training run directory (its latest checkpoint, the
+    EMA weights where stage 2 saved them); or a folder holding exactly one model folder.
 
     Training checkpoints keep the model's save_pretrained folder inside (next to optimizer
     state); pointing at the outer folder is the common slip, so it is resolved when
@@ -149,6 +150,13 @@ def resolve_ckpt(path) -> Path:
                                 f"got {path}, which is not a directory")
     if (path / CONFIG_FILE).is_file():
         return path
+    from vitok_fast.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(path)  # a training run directory: its latest checkpoint,
+    if latest is not None:           # with the stage-2 EMA weights where there are some
+        chosen = latest / "ema" if (latest / "ema" / CONFIG_FILE).is_file() else latest
+        print(f"using the latest checkpoint of the run: {chosen}", file=sys.stderr)
+        return chosen
     found = sorted({c.parent for c in path.glob(f"*/{CONFIG_FILE}")} |
                    {c.parent for c in path.glob(f"*/*/{CONFIG_FILE}")})
     found = [f for f in found if (f / WEIGHTS_FILE).is_file()]
@@ -227,11 +235,9 @@ def main(argv=None) -> dict:
     # every weight file is checked before the first batch, not after an hour of features
     inception = M.load_inception(args.inception, device) if "fid" in metrics else None
     i3d = M.load_i3d(args.i3d, device) if "fvd" in metrics else None
-    try:
-        lpips_model = load_lpips(args.lpips_vgg, device=device) if "lpips" in metrics else None
-    except FileNotFoundError as e:  # the loader's advice is for training; say it for evaluation
-        raise FileNotFoundError(f"{str(e).split(' and pass its path')[0]} and pass its path with "
-                                f"--lpips-vgg PATH, or leave LPIPS out with --metrics") from None
+    lpips_model = load_lpips(args.lpips_vgg, device=device,
+                             without="or leave LPIPS out with --metrics (e.g. psnr,ssim)"
+                             ) if "lpips" in metrics else None
 
     resolution = args.resolution or (128 if video else 256)
     frames = args.frames or (16 if video else 1)

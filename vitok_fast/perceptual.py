@@ -25,8 +25,12 @@ def default_vgg16_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
-def find_vgg16(vgg_path: str | os.PathLike | None = None) -> Path:
-    """The VGG16 weights to use, or a FileNotFoundError that says how to get them."""
+TRAIN_WITHOUT = "or train without LPIPS with --lpips-weight 0"
+
+
+def find_vgg16(vgg_path: str | os.PathLike | None = None, without: str = TRAIN_WITHOUT) -> Path:
+    """The VGG16 weights to use, or a FileNotFoundError that says how to get them, or
+    (``without``) how to do without them."""
     path = Path(vgg_path) if vgg_path is not None else default_vgg16_path()
     if path.is_file():
         return path
@@ -35,11 +39,11 @@ def find_vgg16(vgg_path: str | os.PathLike | None = None) -> Path:
         f"LPIPS needs the ImageNet VGG16 weights ({VGG16_FILE}) and found none in {given}. "
         f"Copy the file from a machine with internet access (torchvision.models.vgg16("
         f"weights='IMAGENET1K_V1') puts it in ~/.cache/torch/hub/checkpoints/) and pass its "
-        f"path with --lpips-vgg PATH, or train without LPIPS with --lpips-weight 0.")
+        f"path with --lpips-vgg PATH, {without}.")
 
 
 def load_lpips(vgg_path: str | os.PathLike | None = None, pretrained_backbone: bool = True,
-               device="cpu") -> torch.nn.Module:
+               device="cpu", without: str = TRAIN_WITHOUT) -> torch.nn.Module:
     """The lpips package's LPIPS(net='vgg'), frozen and in eval mode.
 
     ``pretrained_backbone=False`` keeps a random VGG backbone (for tests; no file needed).
@@ -51,7 +55,7 @@ def load_lpips(vgg_path: str | os.PathLike | None = None, pretrained_backbone: b
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if pretrained_backbone:
-        state = torch.load(find_vgg16(vgg_path), map_location="cpu", weights_only=True)
+        state = torch.load(find_vgg16(vgg_path, without), map_location="cpu", weights_only=True)
         model.net.load_state_dict(_vgg_to_lpips(state), strict=True)
     model.requires_grad_(False)
     return model.eval().to(device)
