@@ -143,3 +143,10 @@ def test_missing_or_wrong_weights_name_the_expected_file(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match=M.I3D_FILE):
         M.load_i3d(bad)
+
+
+def test_missing_vgg_weights_say_how_to_train_without_them(tmp_path):
+    from vitok_fast.perceptual import load_lpips
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*--lpips-vgg .*nope\.pth.*"
+                                                r"--lpips-weight 0"):
+        load_lpips(tmp_path / "nope.pth")

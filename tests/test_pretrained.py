@@ -112,9 +112,3 @@ def test_saved_files_are_readable_like_plain_files(saved):
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         assert (path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
-
-def test_missing_vgg_weights_say_how_to_train_without_them(tmp_path):
-    from vitok_fast.perceptual import load_lpips
-    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*--lpips-vgg .*nope\.pth.*"
-                                                r"--lpips-weight 0"):
-        load_lpips(tmp_path / "nope.pth")
