@@ -101,8 +101,8 @@ def run(device: torch.device, dtype: torch.dtype, ops, impls, out_dir: Path, plo
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "kernels_" + (_slug(name) if device.type == "cuda" else "cpu_interpreter")
     json_path = out_dir / f"{stem}.json"
-    from vitok_fast.model import _atomic_write
-    _atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(report, indent=1) + "\n"))
+    from vitok_fast.fileio import atomic_write
+    atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(report, indent=1) + "\n"))
     print(f"wrote {json_path}")
     if plot:
         png = out_dir / f"{stem}.png"

@@ -9,7 +9,7 @@ A checkpoint is a directory ``<run>/step_00001000/`` holding
                                    data position, skip counters, the run's arguments
 
 Atomicity: everything is written into a hidden temporary directory next to the final one
-(each file through ``_atomic_write``: temp file, fsync, rename), then the directory is renamed
+(each file through ``atomic_write``: temp file, fsync, rename), then the directory is renamed
 into place and its parent fsynced. A crash at any point leaves at worst a ``.step_*.tmp``
 directory, which ``list_checkpoints`` ignores and the next save removes; the last complete
 checkpoint is never touched until a newer one is complete. Only the last ``keep`` are kept.
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE, ViTok, _atomic_write
+from vitok_fast.fileio import atomic_write
+from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE, ViTok
 
 STATE_FILE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -63,7 +64,7 @@ def save_checkpoint(run_dir, step: int, model: ViTok, state: dict, *,
         for sub, extra in (extra_models or {}).items():
             extra.save_pretrained(tmp / sub)
             _fsync_dir(tmp / sub)
-        _atomic_write(tmp / STATE_FILE, lambda path: torch.save(state, path))
+        atomic_write(tmp / STATE_FILE, lambda path: torch.save(state, path))
         _fsync_dir(tmp)
         final = run_dir / name
         if final.exists():  # the same step saved again (e.g. after a resume): swap it out

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vitok_fast.fileio import atomic_write
+
 INDEX_FILE = "index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,9 +34,8 @@ def shard_name(k: int) -> str:
 
 
 def _write_index(out: Path, index: dict) -> None:
-    from vitok_fast.model import _atomic_write
 
-    _atomic_write(out / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+    atomic_write(out / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
 
 
 @torch.no_grad()
@@ -44,7 +45,6 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
                    tile=None, overlap=None, meta: dict | None = None) -> dict:
     from safetensors.torch import save_file
 
-    from vitok_fast.model import _atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -85,7 +85,7 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
         k = len(index["shards"])
         tensors = {"mean": torch.cat(buffer_mean).to(dtype).contiguous(),
                    "logvar": torch.cat(buffer_logvar).to(dtype).contiguous()}
-        _atomic_write(out / shard_name(k), lambda p: save_file(tensors, p))
+        atomic_write(out / shard_name(k), lambda p: save_file(tensors, p))
         index["shards"].append({"file": shard_name(k), "count": pending})
         index["num_samples"] += pending
         _write_index(out, index)  # after the shard: the index never names a missing file

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vitok_fast import metrics as M
+from vitok_fast.fileio import atomic_write
 
 IMAGE_METRICS = ("psnr", "ssim", "lpips", "fid")
 VIDEO_METRICS = ("psnr", "ssim", "lpips", "fvd")
@@ -266,10 +267,9 @@ def main(argv=None) -> dict:
         print(format_table(results))
         out = Path(args.out) if args.out else ckpt / (
             f"eval_{Path(args.data.rstrip('/')).name.replace(':', '-')}_{resolution}p.json")
-        from vitok_fast.model import _atomic_write
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
+        atomic_write(out, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
         print(f"wrote {out}", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()

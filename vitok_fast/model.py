@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitok_fast import ops
 from vitok_fast.config import ViTokConfig
+from vitok_fast.fileio import atomic_write
 from vitok_fast.kernels import rope_cos_sin
 from vitok_fast.profiling import span
 
@@ -323,9 +323,9 @@ class ViTok(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(
+        atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(
             state, path, metadata={"format": "pt", "vitok_config": self.config.to_json()}))
-        _atomic_write(directory / CONFIG_FILE,
+        atomic_write(directory / CONFIG_FILE,
                       lambda path: Path(path).write_text(self.config.to_json() + "\n"))
 
     @classmethod
@@ -383,22 +383,3 @@ def _check_state(expected: dict, given: dict, config_path, weights_path) -> None
             raise ValueError(
                 f"shape mismatch for {key}: {config_path} expects {tuple(tensor.shape)}, "
                 f"{weights_path} holds {tuple(given[key].shape)}")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from vitok_fast.config import ViTokConfig
+from vitok_fast.fileio import atomic_write
 from vitok_fast.losses import psnr
 
 # -- arguments ----------------------------------------------------------------------------
@@ -395,7 +396,6 @@ def save_grid(path, inputs: torch.Tensor, recon: torch.Tensor) -> None:
     over a row of reconstructed frames, per clip)."""
     from PIL import Image
 
-    from vitok_fast.model import _atomic_write
 
     if inputs.ndim == 4:
         rows = [torch.cat([a, b], dim=2) for a, b in zip(inputs, recon)]  # (3, H, 2W)
@@ -407,7 +407,7 @@ def save_grid(path, inputs: torch.Tensor, recon: torch.Tensor) -> None:
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 class RunLogger:
