@@ -77,12 +77,13 @@ def count_vitok(config: ViTokConfig, resolution: int, frames: int = 1) -> dict:
                 _params(model.decoder), dec_macs, z.shape[1:])
 
 
-def count_sd_vae(resolution: int, frames: int = 1) -> dict:
-    """Counts for diffusers' SD-VAE on one image, or frame by frame on a ``frames``-frame clip."""
+def count_sd_vae(resolution: int, frames: int = 1, config: dict | None = None) -> dict:
+    """Counts for diffusers' SD-VAE on one image, or frame by frame on a ``frames``-frame clip.
+    ``config`` swaps in another AutoencoderKL configuration (default ``SD_VAE_CONFIG``)."""
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        vae = AutoencoderKL(**SD_VAE_CONFIG)
+        vae = AutoencoderKL(**(SD_VAE_CONFIG if config is None else config))
         x = torch.empty(frames, 3, resolution, resolution)
     with torch.no_grad():
         enc_macs, posterior = _count_macs(lambda: vae.encode(x).latent_dist)

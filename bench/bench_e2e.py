@@ -1,0 +1,653 @@
+"""End to end: ViTok against the Stable Diffusion VAE, images/s and peak memory.
+
+On an H100 (or any CUDA GPU), one command:
+
+    python bench/bench_e2e.py
+    # -> bench/results/e2e_<gpu>.json and e2e_<gpu>.png, and markdown tables on stdout
+
+It measures encode, decode and encode+decode for ViTok S-B/16 and S-L/16 on 256p and 512p
+images and for S-B/4x8, S-B/8x8 and S-B/4x16 on 16x128x128 clips, each against diffusers'
+SD-VAE (AutoencoderKL, the SD configuration of vitok_fast.flops.SD_VAE_CONFIG, random
+weights) on the same pixels (clips frame by frame), over a batch sweep. Both run in bf16 at
+their best: torch.compile (ViTok: its Llama blocks, as train/stage1.py does, with the fused
+kernels on; SD-VAE: the whole encoder and decoder, channels_last). Each ViTok row sits next
+to the SD-VAE row of the same input, stage and batch: the measured speed ratio
+ViTok / SD-VAE beside the ratio of multiply-accumulates SD-VAE / ViTok counted in the same
+run by vitok_fast.flops (if both ran at the same fraction of peak, the two would be equal).
+
+Timing: warm-up calls first (compilation, autotuning) and never timed; then each call is
+timed with CUDA events and the median is kept, over at least --reps calls and
+--min-seconds. Peak memory is torch.cuda.max_memory_allocated over the timed calls (reset
+per case; it includes the weights). A batch that runs out of memory is recorded as "oom" and
+the larger batches of that model, input and stage as "skipped".
+
+Results are merged into the JSON after every case, so a run cut short (or split with
+--models / --resolutions / --batches / --stages) continues where it stopped when the same
+command runs again; --fresh starts over.
+
+    python bench/bench_e2e.py --models S-B/16 --resolutions 256 --batches 64,128
+    python bench/bench_e2e.py --compile both        # eager and compiled side by side
+    python bench/bench_e2e.py --no-video            # images only
+
+On a CPU it runs a tiny configuration (T-T models, a small VAE, 32px, eager) that exercises
+the code path only; it writes nothing unless --write-cpu is given (then e2e_cpu_tiny.json).
+Its times say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if not os.environ.get("TRITON_INTERPRET"):
+    try:
+        import torch as _t
+        if not _t.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"  # our kernels on the CPU: before triton loads
+    except ImportError:
+        pass
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout too
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from vitok_fast.config import ViTokConfig  # noqa: E402
+from vitok_fast.fileio import atomic_write  # noqa: E402
+from vitok_fast.flops import SD_VAE_CONFIG, count_sd_vae, count_vitok  # noqa: E402
+from vitok_fast.model import ViTok  # noqa: E402
+from vitok_fast.training import git_commit  # noqa: E402
+
+STAGES = ("encode", "decode", "encode+decode")
+SD_VAE = "SD-VAE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    image_models: tuple
+    video_models: tuple
+    resolutions: tuple
+    batches: tuple
+    video_batches: tuple  # clips per batch
+    frames: int
+    video_resolution: int
+    vae_config: dict = dataclasses.field(default_factory=lambda: SD_VAE_CONFIG, hash=False)
+
+
+# [issue 7] the paper's models and inputs; batch 1..256 images, clips up to 64 (64 clips of
+# 16 frames are 1024 SD-VAE frames of 128x128: as many pixels as 256 images at 256p).
+GPU = Preset(image_models=("S-B/16", "S-L/16"), video_models=("S-B/4x8", "S-B/8x8", "S-B/4x16"),
+             resolutions=(256, 512), batches=(1, 8, 32, 64, 128, 256),
+             video_batches=(1, 4, 16, 32, 64), frames=16, video_resolution=128)
+# [ours] CPU: exercises every code path in seconds. A 3-level VAE (downsampling 4x) of the
+# SD-VAE's block types; its FLOPs are counted with the same counter.
+TINY_VAE_CONFIG = dict(SD_VAE_CONFIG, down_block_types=["DownEncoderBlock2D"] * 2,
+                       up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32],
+                       layers_per_block=1, norm_num_groups=8, sample_size=32)
+TINY = Preset(image_models=("T-T/8",), video_models=("T-T/2x8",), resolutions=(32,),
+              batches=(1, 2), video_batches=(1,), frames=4, video_resolution=16,
+              vae_config=TINY_VAE_CONFIG)
+
+
+# -- the two models, as encode / decode callables ------------------------------------------
+
+
+@dataclasses.dataclass
+class Coder:
+    """One model ready to time: ``encode(pixels) -> latent`` and ``decode(latent) -> pixels``."""
+    name: str
+    module: torch.nn.Module
+    encode: object
+    decode: object
+    compile_scope: str  # "none", "blocks" or "model"
+
+
+def _mode(posterior):
+    return posterior.mode()
+
+
+def build_vitok(name: str, device, dtype, compiled: bool, scope: str, kernels: bool,
+                compile_mode: str | None) -> Coder:
+    model = ViTok.from_name(name, use_kernels=kernels).to(device=device, dtype=dtype).eval()
+    encode = lambda x: model.encode(x).mode()  # noqa: E731 - inference uses the posterior mean
+    decode = model.decode
+    if compiled and scope == "blocks":
+        # As train/stage1.py: every Llama block compiled in place. Blocks of one width share
+        # one compiled graph (parameters are graph inputs), so a batch sweep over five models
+        # costs a few small compilations instead of one big one per model and shape.
+        for transformer in (model.encoder.transformer, model.decoder.transformer):
+            for block in transformer.blocks:
+                block.compile(mode=compile_mode)
+    elif compiled:
+        encode = torch.compile(encode, mode=compile_mode)
+        decode = torch.compile(decode, mode=compile_mode)
+    return Coder(name, model, encode, decode, ("blocks" if scope == "blocks" else "model")
+                 if compiled else "none")
+
+
+def build_sd_vae(config: dict, device, dtype, compiled: bool, compile_mode: str | None) -> Coder:
+    from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its warning about casting with .to() is for hub weights
+    vae = AutoencoderKL(**config).to(device=device, dtype=dtype).eval()
+    vae = vae.to(memory_format=torch.channels_last)  # cuDNN's fast layout for convolutions
+    encode = lambda x: vae.encode(x).latent_dist.mode()  # noqa: E731
+    decode = lambda z: vae.decode(z).sample  # noqa: E731
+    if compiled:
+        encode = torch.compile(encode, mode=compile_mode)
+        decode = torch.compile(decode, mode=compile_mode)
+    return Coder(SD_VAE, vae, encode, decode, "model" if compiled else "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """An input: images (frames == 1) or clips, and how many pixels-per-item each model sees."""
+    resolution: int
+    frames: int
+
+    @property
+    def label(self) -> str:
+        r = f"{self.resolution}x{self.resolution}"
+        return r if self.frames == 1 else f"{self.frames}x{r}"
+
+    @property
+    def unit(self) -> str:
+        return "images/s" if self.frames == 1 else "videos/s"
+
+
+def make_inputs(coder: Coder, work: Workload, batch: int, device, dtype, vae_down: int):
+    """Pixels and a latent of the right shape for ``coder``. SD-VAE sees a clip as its frames."""
+    R, T = work.resolution, work.frames
+    gen = torch.Generator(device).manual_seed(0)
+    if coder.name == SD_VAE:
+        n = batch * T
+        x = torch.rand(n, 3, R, R, generator=gen, device=device, dtype=dtype) * 2 - 1
+        latent_channels = coder.module.config.latent_channels
+        z = torch.randn(n, latent_channels, R // vae_down, R // vae_down, generator=gen,
+                        device=device, dtype=dtype)
+        to_cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+        return to_cl(x), to_cl(z)
+    cfg = coder.module.config
+    shape = (batch, 3, R, R) if T == 1 else (batch, 3, T, R, R)
+    x = torch.rand(*shape, generator=gen, device=device, dtype=dtype) * 2 - 1
+    grid = cfg.grid(T, R, R)
+    zshape = (batch, cfg.channels, grid[1], grid[2]) if T == 1 else (batch, cfg.channels, *grid)
+    z = torch.randn(*zshape, generator=gen, device=device, dtype=dtype)
+    return x, z
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+def time_calls(fn, device: torch.device, warmup: int, reps: int, min_seconds: float,
+               max_reps: int = 200) -> list[float]:
+    """Seconds per call: ``warmup`` untimed calls (compilation, autotuning, allocator), then
+    calls timed one by one (CUDA events on a GPU, perf_counter on the CPU) until at least
+    ``reps`` calls and ``min_seconds`` of them, at most ``max_reps``."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    samples: list[float] = []
+    while len(samples) < reps or (sum(samples) < min_seconds and len(samples) < max_reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return "out of memory" in str(e).lower()  # compile / autotune wrappers re-raise it
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(coder: Coder, work: Workload, stage: str, batch: int, device, dtype, vae_down,
+            args) -> dict:
+    """One row: median seconds per call, items/s, peak memory; or status oom / error."""
+    row = {"status": "ok"}
+    if device.type == "cuda":
+        row["mem_before_bytes"] = torch.cuda.memory_allocated(device)  # weights (and any leak)
+    try:
+        x, z = make_inputs(coder, work, batch, device, dtype, vae_down)
+        fn = {"encode": lambda: coder.encode(x), "decode": lambda: coder.decode(z),
+              "encode+decode": lambda: coder.decode(coder.encode(x))}[stage]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        with torch.no_grad():
+            for _ in range(args.warmup):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            samples = time_calls(fn, device, 0, args.reps, args.min_seconds)
+        seconds = statistics.median(samples)
+        row.update(seconds=seconds, seconds_min=min(samples), seconds_max=max(samples),
+                   calls=len(samples), items_per_s=batch / seconds)
+        if device.type == "cuda":
+            row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
+    except Exception as e:  # noqa: BLE001 - one failing case must not end a long run
+        if _is_oom(e):
+            row = {"status": "oom"}
+        else:
+            row = {"status": "error", "error": f"{type(e).__name__}: {e}"[:400]}
+    finally:
+        x = z = fn = None  # noqa: F841
+        _free(device)
+    return row
+
+
+# -- counts, ratios, summary ----------------------------------------------------------------
+
+
+def count_macs(pairs, vae_config) -> dict:
+    """MACs per item (image or clip) and stage for each (model, input), from vitok_fast.flops'
+    one counter, keyed "model|input"."""
+    out = {}
+    for name, work in pairs:
+        counts = (count_sd_vae(work.resolution, work.frames, config=vae_config) if name == SD_VAE
+                  else count_vitok(ViTokConfig.from_name(name), work.resolution, work.frames))
+        out[f"{name}|{work.label}"] = {"encode": counts["encoder"]["macs"],
+                                       "decode": counts["decoder"]["macs"],
+                                       "encode+decode": counts["total"]["macs"],
+                                       "params": counts["total"]["params"],
+                                       "latent_shape": counts["latent_shape"]}
+    return out
+
+
+def _key(row) -> tuple:
+    return (row["model"], row["input"], row["stage"], row["batch"], row["compile"],
+            row["dtype"], row["kernels"])
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Every ViTok row next to SD-VAE's on the same input, stage, batch and compile setting."""
+    sd = {(r["input"], r["stage"], r["batch"], r["compile"], r["dtype"]): r
+          for r in rows if r["model"] == SD_VAE and r["status"] == "ok"}
+    out = []
+    for r in rows:
+        other = sd.get((r["input"], r["stage"], r["batch"], r["compile"], r["dtype"]))
+        if r["model"] == SD_VAE or r["status"] != "ok" or other is None:
+            continue
+        out.append({"model": r["model"], "input": r["input"], "stage": r["stage"],
+                    "batch": r["batch"], "compile": r["compile"], "dtype": r["dtype"],
+                    "unit": r["unit"], "vitok_items_per_s": r["items_per_s"],
+                    "sd_vae_items_per_s": other["items_per_s"],
+                    "speed_ratio": r["items_per_s"] / other["items_per_s"],
+                    "macs_ratio": other["macs_per_item"] / r["macs_per_item"]})
+    return out
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Each side at its best batch: the throughput a user gets, and the ratio of those."""
+    best = {}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        k = (r["model"], r["input"], r["stage"], r["compile"], r["dtype"])
+        if k not in best or r["items_per_s"] > best[k]["items_per_s"]:
+            best[k] = r
+    out = []
+    for (model, inp, stage, comp, dt), r in best.items():
+        sd = best.get((SD_VAE, inp, stage, comp, dt))
+        if model == SD_VAE or sd is None:
+            continue
+        out.append({"model": model, "input": inp, "stage": stage, "compile": comp, "dtype": dt,
+                    "unit": r["unit"], "vitok_best_items_per_s": r["items_per_s"],
+                    "vitok_best_batch": r["batch"], "vitok_peak_mem_bytes": r.get("peak_mem_bytes"),
+                    "sd_vae_best_items_per_s": sd["items_per_s"], "sd_vae_best_batch": sd["batch"],
+                    "sd_vae_peak_mem_bytes": sd.get("peak_mem_bytes"),
+                    "speed_ratio": r["items_per_s"] / sd["items_per_s"],
+                    "macs_ratio": sd["macs_per_item"] / r["macs_per_item"]})
+    return out
+
+
+# [issue 7] ViTok S-B/16 encode+decode >= 10x SD-VAE's images/s (256p, both at their best).
+TARGET = {"model": "S-B/16", "input": "256x256", "stage": "encode+decode", "speed_ratio": 10.0}
+
+
+def target_check(best: list[dict], gpu: bool) -> dict:
+    hits = [b for b in best if all(b[k] == TARGET[k] for k in ("model", "input", "stage"))
+            and b["compile"]]
+    out = dict(TARGET, compared="best batch of each, compiled")
+    if not gpu:
+        out["met"] = None
+        out["note"] = "not a GPU run: no verdict"
+    elif not hits:
+        out["met"] = None
+        out["note"] = "not measured in this file"
+    else:
+        out["measured"] = hits[0]["speed_ratio"]
+        out["met"] = hits[0]["speed_ratio"] >= TARGET["speed_ratio"]
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def _mib(b):
+    return "" if b is None else f"{b / 2**20:.0f}"
+
+
+def markdown(report: dict) -> str:
+    lines = ["| model | input | stage | compile | batch | items/s | peak MiB | ViTok/SD-VAE speed | "
+             "SD-VAE/ViTok MACs |", "|---|---|---|---|---|---|---|---|---|"]
+    rat = {(r["model"], r["input"], r["stage"], r["batch"], r["compile"], r["dtype"]): r
+           for r in report["ratios"]}
+    for r in report["rows"]:
+        comp = "yes" if r["compile"] else "no"
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['input']} | {r['stage']} | {comp} | {r['batch']} | "
+                         f"{r['status']} | | | |")
+            continue
+        q = rat.get((r["model"], r["input"], r["stage"], r["batch"], r["compile"], r["dtype"]))
+        lines.append(f"| {r['model']} | {r['input']} | {r['stage']} | {comp} | {r['batch']} | "
+                     f"{r['items_per_s']:.1f} {r['unit']} | {_mib(r.get('peak_mem_bytes'))} | "
+                     + (f"{q['speed_ratio']:.2f}x | {q['macs_ratio']:.2f}x |" if q else "| |"))
+    lines += ["", "Best batch of each side:", "",
+              "| model | input | stage | compile | ViTok | SD-VAE | speed ratio | MACs ratio |",
+              "|---|---|---|---|---|---|---|---|"]
+    for b in report["best"]:
+        lines.append(f"| {b['model']} | {b['input']} | {b['stage']} | {'yes' if b['compile'] else 'no'}"
+                     f" | {b['vitok_best_items_per_s']:.1f} (batch {b['vitok_best_batch']}) | "
+                     f"{b['sd_vae_best_items_per_s']:.1f} (batch {b['sd_vae_best_batch']}) | "
+                     f"{b['speed_ratio']:.2f}x | {b['macs_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
+    inputs = sorted({r["input"] for r in ok}, key=lambda s: (s.count("x"), len(s), s))
+    if not inputs:
+        return
+    fig, axes = plt.subplots(len(inputs), len(STAGES), figsize=(4.2 * len(STAGES), 3.4 * len(inputs)),
+                             squeeze=False)
+    models = sorted({r["model"] for r in ok}, key=lambda m: (m == SD_VAE, m))
+    colors = {m: f"C{i}" for i, m in enumerate(models)}
+    for i, inp in enumerate(inputs):
+        for j, stage in enumerate(STAGES):
+            ax = axes[i, j]
+            for model in models:
+                for comp in (True, False):
+                    pts = sorted((r["batch"], r["items_per_s"]) for r in ok if r["model"] == model
+                                 and r["input"] == inp and r["stage"] == stage and r["compile"] == comp)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", ms=3, color=colors[model],
+                                linestyle="-" if comp else "--",
+                                label=f"{model}{'' if comp else ' (eager)'}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{inp} {stage}", fontsize=9)
+            ax.set_xlabel("batch", fontsize=8)
+            unit = "images/s" if inp.count("x") == 1 else "videos/s"
+            ax.set_ylabel(unit, fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+    fig.suptitle(f"ViTok vs SD-VAE, {report['dtype']}, {report['device']}; torch {report['torch']}, "
+                 f"commit {str(report['commit'])[:12]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def _ints(s):
+    return tuple(int(v) for v in s.split(",")) if s else None
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
+                    help="T-T models, a small VAE, 32px (default: on without a GPU)")
+    ap.add_argument("--models", default=None,
+                    help="comma list of ViTok names to run (default: S-B/16,S-L/16 and the video "
+                    "models; SD-VAE always runs as the baseline unless --no-sd-vae)")
+    ap.add_argument("--resolutions", default=None, help="image sides, comma list (default 256,512)")
+    ap.add_argument("--batches", default=None, help="image batches (default 1,8,32,64,128,256)")
+    ap.add_argument("--video-batches", default=None, help="clips per batch (default 1,4,16,32,64)")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma list of encode,decode,encode+decode")
+    ap.add_argument("--no-video", action="store_true", help="skip the video models")
+    ap.add_argument("--no-sd-vae", action="store_true", help="skip the SD-VAE baseline")
+    ap.add_argument("--compile", choices=("on", "off", "both"), default=None,
+                    help="torch.compile (default: on with a GPU, off on the CPU); both = eager and "
+                    "compiled side by side")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: default)")
+    ap.add_argument("--vitok-compile-scope", choices=("blocks", "model"), default="blocks",
+                    help="compile ViTok's Llama blocks (fast to compile, as training does) or its "
+                    "whole encode and decode (one graph per model, input and batch)")
+    ap.add_argument("--no-kernels", action="store_true", help="ViTok with plain-PyTorch ops")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                    help="default: bfloat16 on a GPU, float32 on the CPU")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 3; CPU 1)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per case, at least (default 10; CPU 3)")
+    ap.add_argument("--min-seconds", type=float, default=None,
+                    help="keep timing a case until this much time is measured (default 1.0; CPU 0)")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--write-cpu", action="store_true",
+                    help="on the CPU, write e2e_cpu_tiny.json / .png (not written otherwise)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="ignore the rows of an existing JSON instead of continuing it")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    args.device = torch.device(args.device)
+    cuda = args.device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda given, but torch sees no CUDA device; use --device cpu")
+    args.tiny = (not cuda) if args.tiny is None else args.tiny
+    args.compile = args.compile or ("on" if cuda else "off")
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.reps = args.reps if args.reps is not None else (10 if cuda else 3)
+    args.min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if cuda else 0.0)
+    args.stages = tuple(args.stages.split(","))
+    bad = [s for s in args.stages if s not in STAGES]
+    if bad:
+        ap.error(f"--stages takes {','.join(STAGES)}, got {','.join(bad)}")
+    for name in ("warmup", "reps"):
+        if getattr(args, name) < (1 if name == "reps" else 0):
+            ap.error(f"--{name} must be {'positive' if name == 'reps' else '>= 0'}, got {getattr(args, name)}")
+    preset = TINY if args.tiny else GPU
+    try:
+        args.resolutions = _ints(args.resolutions) or preset.resolutions
+        args.batches = _ints(args.batches) or preset.batches
+        args.video_batches = _ints(args.video_batches) or preset.video_batches
+    except ValueError as e:
+        ap.error(f"--resolutions / --batches / --video-batches take comma lists of integers: {e}")
+    if min(args.batches + args.video_batches + args.resolutions) <= 0:
+        ap.error("batches and resolutions must be positive")
+    models = args.models.split(",") if args.models else list(preset.image_models + preset.video_models)
+    args.image_models, args.video_models = [], []
+    for m in models:
+        try:
+            cfg = ViTokConfig.from_name(m)
+        except ValueError as e:
+            ap.error(f"--models: {e}")
+        (args.video_models if cfg.is_video else args.image_models).append(m)
+    if args.no_video:
+        args.video_models = []
+    args.preset = preset
+    return args
+
+
+def plan(args) -> list[tuple[str, Workload, tuple]]:
+    """(model, input, batches) in run order: each model built once for all its inputs."""
+    p = args.preset
+    images = [Workload(r, 1) for r in args.resolutions]
+    video = Workload(p.video_resolution, p.frames)
+    out = [(m, w, args.batches) for m in args.image_models for w in images]
+    out += [(m, video, args.video_batches) for m in args.video_models]
+    if not args.no_sd_vae:
+        out += [(SD_VAE, w, args.batches) for w in images]
+        if args.video_models:
+            out += [(SD_VAE, video, args.video_batches)]
+    return out
+
+
+def _vae_downsampling(config: dict) -> int:
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def run(args) -> dict:
+    device, dtype, cuda = args.device, args.dtype, args.device.type == "cuda"
+    name = device_name(device)
+    stem = f"e2e_{_slug(name)}" if cuda else "e2e_cpu_tiny" if args.tiny else "e2e_cpu"
+    json_path = args.out_dir / f"{stem}.json"
+    write = cuda or args.write_cpu
+    import torch._dynamo.config as dynamo_config
+    # Blocks of every model share Block.forward's cache; one entry per (shape, width) and a
+    # batch sweep needs more than the default 8 before dynamo would silently fall back to eager.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, 256)
+    torch.backends.cudnn.benchmark = True  # the VAE's convolutions pick their fastest algorithm
+
+    todo = plan(args)
+    compile_settings = {"on": (True,), "off": (False,), "both": (False, True)}[args.compile]
+    macs = count_macs([(m, w) for m, w, _ in todo], args.preset.vae_config)
+    kernels = not args.no_kernels
+    dname = str(dtype).replace("torch.", "")
+    old = []
+    if write and json_path.exists() and not args.fresh:
+        old = json.loads(json_path.read_text()).get("rows", [])
+    done = {_key(r): r for r in old if r["status"] in ("ok", "oom")}
+    rows = {_key(r): r for r in old}
+
+    report = dict(device=name, torch=torch.__version__, triton=triton.__version__,
+                  cuda=torch.version.cuda, python=sys.version.split()[0], commit=git_commit(),
+                  dtype=dname, tiny=args.tiny, interpreted_kernels=not cuda and kernels,
+                  settings=dict(
+                      compile=args.compile, compile_mode=args.compile_mode or "default",
+                      vitok_compile_scope=args.vitok_compile_scope, sd_vae_compile_scope="model",
+                      vitok_kernels=kernels, sd_vae_channels_last=True,
+                      sd_vae_config=args.preset.vae_config, warmup_calls=args.warmup,
+                      min_timed_calls=args.reps, min_timed_seconds=args.min_seconds,
+                      timing="median of per-call CUDA-event times after warm-up" if cuda
+                      else "median of per-call perf_counter times after warm-up",
+                      peak_memory="torch.cuda.max_memory_allocated over the timed calls, reset per "
+                      "case; includes the weights", latents="posterior mean (mode)",
+                      sd_vae_video="frame by frame: a batch of B clips is B*T frames in one call"),
+                  macs_per_item=macs, target=None, rows=[], ratios=[], best=[])
+
+    def save():
+        report["rows"] = sorted(rows.values(), key=lambda r: (r["model"] == SD_VAE, r["model"],
+                                r["input"], STAGES.index(r["stage"]), r["compile"], r["batch"]))
+        report["ratios"] = ratios(report["rows"])
+        report["best"] = summary(report["rows"])
+        report["target"] = target_check(report["best"], cuda)
+        if write:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(report, indent=1) + "\n"))
+
+    total = sum(len(b) * len(args.stages) * len(compile_settings) for _, _, b in todo)
+    bar = tqdm(total=total, desc="e2e", unit="case")
+    for model_name in dict.fromkeys(m for m, _, _ in todo):
+        for compiled in compile_settings:
+            if model_name == SD_VAE:
+                coder = build_sd_vae(args.preset.vae_config, device, dtype, compiled, args.compile_mode)
+            else:
+                coder = build_vitok(model_name, device, dtype, compiled, args.vitok_compile_scope,
+                                    kernels, args.compile_mode)
+            for _, work, batches in [t for t in todo if t[0] == model_name]:
+                for stage in args.stages:
+                    oom_at = None
+                    for batch in sorted(batches):
+                        row = dict(model=model_name, input=work.label, resolution=work.resolution,
+                                   frames=work.frames, stage=stage, batch=batch, compile=compiled,
+                                   compile_scope=coder.compile_scope, dtype=dname,
+                                   kernels=kernels if model_name != SD_VAE else None,
+                                   unit=work.unit,
+                                   macs_per_item=macs[f"{model_name}|{work.label}"][stage])
+                        bar.set_postfix_str(f"{model_name} {work.label} {stage} b{batch}"
+                                            f"{' compiled' if compiled else ''}")
+                        if _key(row) in done:
+                            bar.update()
+                            continue
+                        if oom_at is not None:
+                            row.update(status="skipped", note=f"out of memory at batch {oom_at}")
+                        else:
+                            row.update(measure(coder, work, stage, batch, device, dtype,
+                                               _vae_downsampling(args.preset.vae_config), args),
+                                       commit=report["commit"])
+                            if row["status"] == "oom":
+                                oom_at = batch
+                            elif row["status"] == "ok":
+                                row["achieved_tflop_per_s"] = (2 * row["macs_per_item"] *
+                                                               row["items_per_s"] / 1e12)
+                        rows[_key(row)] = row
+                        save()
+                        bar.update()
+            del coder
+            _free(device)
+            if compiled:
+                torch._dynamo.reset()  # the next model's graphs start from a clean cache
+    bar.close()
+    save()
+    print(markdown(report))
+    t = report["target"]
+    print(f"\ntarget: {t['model']} {t['input']} {t['stage']} >= {t['speed_ratio']:.0f}x SD-VAE: "
+          + (t.get("note") or f"measured {t['measured']:.2f}x -> {'met' if t['met'] else 'MISSED'}"))
+    if write:
+        print(f"wrote {json_path}")
+        if not args.no_plot:
+            png = json_path.with_suffix(".png")
+            plot(report, png)
+            print(f"wrote {png}")
+    elif not cuda:
+        print("(CPU run: nothing written; --write-cpu writes e2e_cpu_tiny.json; these times say "
+              "nothing about a GPU)")
+    return report
+
+
+def main(argv=None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
