@@ -118,7 +118,7 @@ def _mode(posterior):
 
 
 def build_vitok(name: str, device, dtype, compiled: bool, scope: str, kernels: bool,
-                compile_mode: str | None) -> Coder:
+                compile_mode: str | None, dynamic: bool | None = None) -> Coder:
     model = ViTok.from_name(name, use_kernels=kernels).to(device=device, dtype=dtype).eval()
     encode = lambda x: model.encode(x).mode()  # noqa: E731 - inference uses the posterior mean
     decode = model.decode
@@ -128,15 +128,16 @@ def build_vitok(name: str, device, dtype, compiled: bool, scope: str, kernels: b
         # costs a few small compilations instead of one big one per model and shape.
         for transformer in (model.encoder.transformer, model.decoder.transformer):
             for block in transformer.blocks:
-                block.compile(mode=compile_mode)
+                block.compile(mode=compile_mode, dynamic=dynamic)
     elif compiled:
-        encode = torch.compile(encode, mode=compile_mode)
-        decode = torch.compile(decode, mode=compile_mode)
+        encode = torch.compile(encode, mode=compile_mode, dynamic=dynamic)
+        decode = torch.compile(decode, mode=compile_mode, dynamic=dynamic)
     return Coder(name, model, encode, decode, ("blocks" if scope == "blocks" else "model")
                  if compiled else "none")
 
 
-def build_sd_vae(config: dict, device, dtype, compiled: bool, compile_mode: str | None) -> Coder:
+def build_sd_vae(config: dict, device, dtype, compiled: bool, compile_mode: str | None,
+                 dynamic: bool | None = None) -> Coder:
     from diffusers import AutoencoderKL
     from diffusers.utils import logging as diffusers_logging
 
@@ -146,8 +147,8 @@ def build_sd_vae(config: dict, device, dtype, compiled: bool, compile_mode: str 
     encode = lambda x: vae.encode(x).latent_dist.mode()  # noqa: E731
     decode = lambda z: vae.decode(z).sample  # noqa: E731
     if compiled:
-        encode = torch.compile(encode, mode=compile_mode)
-        decode = torch.compile(decode, mode=compile_mode)
+        encode = torch.compile(encode, mode=compile_mode, dynamic=dynamic)
+        decode = torch.compile(decode, mode=compile_mode, dynamic=dynamic)
     return Coder(SD_VAE, vae, encode, decode, "model" if compiled else "none")
 
 
@@ -282,22 +283,28 @@ def count_macs(pairs, vae_config) -> dict:
     return out
 
 
+def _setting(row) -> tuple:
+    """What both sides of a ratio must share besides input, stage and batch."""
+    return (row["compile"], row.get("compile_mode"), row.get("static_shapes"), row["dtype"])
+
+
 def _key(row) -> tuple:
-    return (row["model"], row["input"], row["stage"], row["batch"], row["compile"],
-            row["dtype"], row["kernels"])
+    return (row["model"], row["input"], row["stage"], row["batch"], *_setting(row),
+            row["kernels"], row.get("compile_scope"))
 
 
 def ratios(rows: list[dict]) -> list[dict]:
     """Every ViTok row next to SD-VAE's on the same input, stage, batch and compile setting."""
-    sd = {(r["input"], r["stage"], r["batch"], r["compile"], r["dtype"]): r
+    sd = {(r["input"], r["stage"], r["batch"], *_setting(r)): r
           for r in rows if r["model"] == SD_VAE and r["status"] == "ok"}
     out = []
     for r in rows:
-        other = sd.get((r["input"], r["stage"], r["batch"], r["compile"], r["dtype"]))
+        other = sd.get((r["input"], r["stage"], r["batch"], *_setting(r)))
         if r["model"] == SD_VAE or r["status"] != "ok" or other is None:
             continue
         out.append({"model": r["model"], "input": r["input"], "stage": r["stage"],
                     "batch": r["batch"], "compile": r["compile"], "dtype": r["dtype"],
+                    "compile_mode": r.get("compile_mode"), "static_shapes": r.get("static_shapes"),
                     "unit": r["unit"], "vitok_items_per_s": r["items_per_s"],
                     "sd_vae_items_per_s": other["items_per_s"],
                     "speed_ratio": r["items_per_s"] / other["items_per_s"],
@@ -311,12 +318,13 @@ def summary(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["status"] != "ok":
             continue
-        k = (r["model"], r["input"], r["stage"], r["compile"], r["dtype"])
+        k = (r["model"], r["input"], r["stage"], *_setting(r))
         if k not in best or r["items_per_s"] > best[k]["items_per_s"]:
             best[k] = r
     out = []
-    for (model, inp, stage, comp, dt), r in best.items():
-        sd = best.get((SD_VAE, inp, stage, comp, dt))
+    for (model, inp, stage, *setting), r in best.items():
+        sd = best.get((SD_VAE, inp, stage, *setting))
+        comp, dt = r["compile"], r["dtype"]
         if model == SD_VAE or sd is None:
             continue
         out.append({"model": model, "input": inp, "stage": stage, "compile": comp, "dtype": dt,
@@ -359,15 +367,16 @@ def _mib(b):
 def markdown(report: dict) -> str:
     lines = ["| model | input | stage | compile | batch | items/s | peak MiB | ViTok/SD-VAE speed | "
              "SD-VAE/ViTok MACs |", "|---|---|---|---|---|---|---|---|---|"]
-    rat = {(r["model"], r["input"], r["stage"], r["batch"], r["compile"], r["dtype"]): r
+    rat = {(r["model"], r["input"], r["stage"], r["batch"], *_setting(r)): r
            for r in report["ratios"]}
     for r in report["rows"]:
         comp = "yes" if r["compile"] else "no"
         if r["status"] != "ok":
+            why = r.get("error", r.get("note", ""))[:80].replace("|", "/").replace("\n", " ")
             lines.append(f"| {r['model']} | {r['input']} | {r['stage']} | {comp} | {r['batch']} | "
-                         f"{r['status']} | | | |")
+                         f"{r['status']}{': ' + why if why else ''} | | | |")
             continue
-        q = rat.get((r["model"], r["input"], r["stage"], r["batch"], r["compile"], r["dtype"]))
+        q = rat.get((r["model"], r["input"], r["stage"], r["batch"], *_setting(r)))
         lines.append(f"| {r['model']} | {r['input']} | {r['stage']} | {comp} | {r['batch']} | "
                      f"{r['items_per_s']:.1f} {r['unit']} | {_mib(r.get('peak_mem_bytes'))} | "
                      + (f"{q['speed_ratio']:.2f}x | {q['macs_ratio']:.2f}x |" if q else "| |"))
@@ -462,6 +471,9 @@ def parse_args(argv=None):
     ap.add_argument("--vitok-compile-scope", choices=("blocks", "model"), default="blocks",
                     help="compile ViTok's Llama blocks (fast to compile, as training does) or its "
                     "whole encode and decode (one graph per model, input and batch)")
+    ap.add_argument("--static-shapes", action="store_true",
+                    help="torch.compile(dynamic=False): one graph per batch size (longer to "
+                    "compile); default: dynamo's automatic dynamic batch after the second size")
     ap.add_argument("--no-kernels", action="store_true", help="ViTok with plain-PyTorch ops")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                     help="default: bfloat16 on a GPU, float32 on the CPU")
@@ -552,6 +564,7 @@ def run(args) -> dict:
     compile_settings = {"on": (True,), "off": (False,), "both": (False, True)}[args.compile]
     macs = count_macs([(m, w) for m, w, _ in todo], args.preset.vae_config)
     kernels = not args.no_kernels
+    dynamic = False if args.static_shapes else None
     dname = str(dtype).replace("torch.", "")
     old = []
     if write and json_path.exists() and not args.fresh:
@@ -565,6 +578,8 @@ def run(args) -> dict:
                   settings=dict(
                       compile=args.compile, compile_mode=args.compile_mode or "default",
                       vitok_compile_scope=args.vitok_compile_scope, sd_vae_compile_scope="model",
+                      compile_shapes="static (dynamic=False)" if args.static_shapes else
+                      "dynamo default: batch made dynamic after the second batch size",
                       vitok_kernels=kernels, sd_vae_channels_last=True,
                       sd_vae_config=args.preset.vae_config, warmup_calls=args.warmup,
                       min_timed_calls=args.reps, min_timed_seconds=args.min_seconds,
@@ -590,10 +605,11 @@ def run(args) -> dict:
     for model_name in dict.fromkeys(m for m, _, _ in todo):
         for compiled in compile_settings:
             if model_name == SD_VAE:
-                coder = build_sd_vae(args.preset.vae_config, device, dtype, compiled, args.compile_mode)
+                coder = build_sd_vae(args.preset.vae_config, device, dtype, compiled,
+                                     args.compile_mode, dynamic)
             else:
                 coder = build_vitok(model_name, device, dtype, compiled, args.vitok_compile_scope,
-                                    kernels, args.compile_mode)
+                                    kernels, args.compile_mode, dynamic)
             for _, work, batches in [t for t in todo if t[0] == model_name]:
                 for stage in args.stages:
                     oom_at = None
@@ -601,6 +617,8 @@ def run(args) -> dict:
                         row = dict(model=model_name, input=work.label, resolution=work.resolution,
                                    frames=work.frames, stage=stage, batch=batch, compile=compiled,
                                    compile_scope=coder.compile_scope, dtype=dname,
+                                   compile_mode=(args.compile_mode or "default") if compiled else None,
+                                   static_shapes=args.static_shapes if compiled else None,
                                    kernels=kernels if model_name != SD_VAE else None,
                                    unit=work.unit,
                                    macs_per_item=macs[f"{model_name}|{work.label}"][stage])
@@ -630,6 +648,12 @@ def run(args) -> dict:
     bar.close()
     save()
     print(markdown(report))
+    failed = [r for r in report["rows"] if r["status"] == "error"]
+    if failed:
+        print(f"\n{len(failed)} case(s) failed; the first: {failed[0]['model']} {failed[0]['input']} "
+              f"{failed[0]['stage']} batch {failed[0]['batch']}: {failed[0]['error']}\n"
+              "(a ViTok failure only when compiled: try --vitok-compile-scope model, "
+              "--static-shapes, or --no-kernels, and report it)")
     t = report["target"]
     print(f"\ntarget: {t['model']} {t['input']} {t['stage']} >= {t['speed_ratio']:.0f}x SD-VAE: "
           + (t.get("note") or f"measured {t['measured']:.2f}x -> {'met' if t['met'] else 'MISSED'}"))

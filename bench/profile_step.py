@@ -56,7 +56,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from vitok_fast.fileio import atomic_write  # noqa: E402
 from vitok_fast.losses import reconstruction_loss  # noqa: E402
 from vitok_fast.model import ViTok  # noqa: E402
-from vitok_fast.profiling import enable_ranges  # noqa: E402
+from vitok_fast.profiling import enable_ranges, ranges_enabled  # noqa: E402
 from vitok_fast.training import build_optimizer, clip_grad_norm, git_commit  # noqa: E402
 
 # The spans vitok_fast/model.py opens (vitok_fast.profiling.span).
@@ -285,8 +285,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = args.device
+    before = ranges_enabled()
     enable_ranges(True)
+    try:
+        return run(args)
+    finally:
+        enable_ranges(before)  # callers (tests) get the process back as it was
+
+
+def run(args) -> dict:
+    device = args.device
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -3,6 +3,7 @@ ratios are computed from its own rows; its batch-sweep bookkeeping (OOM, resume)
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -101,3 +102,17 @@ def test_bad_options_are_refused_with_the_option_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         e2e.parse_args(["--device", "cpu", *argv])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_vitok_blocks_run(tmp_path):
+    # The compiled path (every block compiled in place). Plain-PyTorch ops: Triton's CPU
+    # interpreter cannot be traced by dynamo, while on a GPU the kernels compile as they are.
+    e2e = _load("bench_e2e")
+    report = e2e.main(["--device", "cpu", "--tiny", "--compile", "on", "--no-kernels",
+                       "--models", "T-T/8", "--no-sd-vae", "--batches", "2", "--stages", "decode"])
+    (row,) = report["rows"]
+    assert row["status"] == "ok", row
+    assert row["compile"] is True and row["compile_scope"] == "blocks" and row["kernels"] is False
+    assert row["items_per_s"] > 0

@@ -59,3 +59,15 @@ def test_tiny_profiles_have_named_ranges_and_a_top_10(tmp_path):
     assert md.count("### ") == 2 and "top 10 by self CPU time" in md
     saved = json.loads((tmp_path / "profile_cpu_tiny.json").read_text())
     assert saved["settings"]["lpips"] == "random VGG16 backbone"
+
+
+def test_profiling_leaves_the_ranges_switch_as_it_found_it(tmp_path):
+    from vitok_fast import profiling
+
+    prof = _load()
+    assert not profiling.ranges_enabled()
+    prof.main(["--device", "cpu", "--tiny", "--batch", "1", "--lpips-weight", "0",
+               "--warmup", "0", "--out-dir", str(tmp_path)])
+    assert not profiling.ranges_enabled()
+    saved = json.loads((tmp_path / "profile_cpu_tiny.json").read_text())
+    assert saved["settings"]["lpips"] == "off" and saved["settings"]["batch"] == 1
