@@ -16,8 +16,8 @@ ViTok / SD-VAE beside the ratio of multiply-accumulates SD-VAE / ViTok counted i
 run by vitok_fast.flops (if both ran at the same fraction of peak, the two would be equal).
 
 Timing: warm-up calls first (compilation, autotuning) and never timed; then each call is
-timed with CUDA events and the median is kept, over at least --reps calls and
---min-seconds. Peak memory is torch.cuda.max_memory_allocated over the timed calls (reset
+timed with CUDA events and the median is kept, over at least --reps calls (3) and
+--min-seconds (1 s) of them. Peak memory is torch.cuda.max_memory_allocated over the timed calls (reset
 per case; it includes the weights). A batch that runs out of memory is recorded as "oom" and
 the larger batches of that model, input and stage as "skipped".
 
@@ -193,10 +193,11 @@ def make_inputs(coder: Coder, work: Workload, batch: int, device, dtype, vae_dow
 
 
 def time_calls(fn, device: torch.device, warmup: int, reps: int, min_seconds: float,
-               max_reps: int = 200) -> list[float]:
+               max_reps: int = 1000) -> list[float]:
     """Seconds per call: ``warmup`` untimed calls (compilation, autotuning, allocator), then
     calls timed one by one (CUDA events on a GPU, perf_counter on the CPU) until at least
-    ``reps`` calls and ``min_seconds`` of them, at most ``max_reps``."""
+    ``reps`` calls and ``min_seconds`` of them (a 1 ms call about 1000 times, a 2 s call
+    ``reps`` times), at most ``max_reps``."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
@@ -477,8 +478,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-kernels", action="store_true", help="ViTok with plain-PyTorch ops")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                     help="default: bfloat16 on a GPU, float32 on the CPU")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 3; CPU 1)")
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per case, at least (default 10; CPU 3)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed calls per case (default 2; CPU 1; use 3 with reduce-overhead)")
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per case, at least (default 3)")
     ap.add_argument("--min-seconds", type=float, default=None,
                     help="keep timing a case until this much time is measured (default 1.0; CPU 0)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
@@ -495,8 +497,7 @@ def parse_args(argv=None):
     args.tiny = (not cuda) if args.tiny is None else args.tiny
     args.compile = args.compile or ("on" if cuda else "off")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    args.reps = args.reps if args.reps is not None else (10 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     args.min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if cuda else 0.0)
     args.stages = tuple(args.stages.split(","))
     bad = [s for s in args.stages if s not in STAGES]
@@ -546,7 +547,7 @@ def _vae_downsampling(config: dict) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def run(args) -> dict:
+def run(args, argv=None) -> dict:
     device, dtype, cuda = args.device, args.dtype, args.device.type == "cuda"
     name = device_name(device)
     stem = f"e2e_{_slug(name)}" if cuda else "e2e_cpu_tiny" if args.tiny else "e2e_cpu"
@@ -566,9 +567,13 @@ def run(args) -> dict:
     kernels = not args.no_kernels
     dynamic = False if args.static_shapes else None
     dname = str(dtype).replace("torch.", "")
-    old = []
+    old = {}
     if write and json_path.exists() and not args.fresh:
-        old = json.loads(json_path.read_text()).get("rows", [])
+        old = json.loads(json_path.read_text())
+    macs = {**old.get("macs_per_item", {}), **macs}
+    this_run = dict(commit=git_commit(), started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                    argv=sys.argv[1:] if argv is None else list(argv))
+    old_runs, old = old.get("runs", []), old.get("rows", [])
     done = {_key(r): r for r in old if r["status"] in ("ok", "oom")}
     rows = {_key(r): r for r in old}
 
@@ -588,7 +593,8 @@ def run(args) -> dict:
                       peak_memory="torch.cuda.max_memory_allocated over the timed calls, reset per "
                       "case; includes the weights", latents="posterior mean (mode)",
                       sd_vae_video="frame by frame: a batch of B clips is B*T frames in one call"),
-                  macs_per_item=macs, target=None, rows=[], ratios=[], best=[])
+                  runs=old_runs + [this_run], macs_per_item=macs, target=None, rows=[],
+                  ratios=[], best=[])
 
     def save():
         report["rows"] = sorted(rows.values(), key=lambda r: (r["model"] == SD_VAE, r["model"],
@@ -625,6 +631,8 @@ def run(args) -> dict:
                         bar.set_postfix_str(f"{model_name} {work.label} {stage} b{batch}"
                                             f"{' compiled' if compiled else ''}")
                         if _key(row) in done:
+                            if done[_key(row)]["status"] == "oom":
+                                oom_at = batch
                             bar.update()
                             continue
                         if oom_at is not None:
@@ -670,7 +678,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    return run(parse_args(argv))
+    return run(parse_args(argv), argv)
 
 
 if __name__ == "__main__":

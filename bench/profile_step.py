@@ -84,7 +84,11 @@ def top_ops(prof, gpu: bool, n: int = 10) -> dict:
     events = [e for e in prof.key_averages() if e.key not in ranges
               and not e.key.startswith("ProfilerStep")]
     if gpu:
-        events = [e for e in events if e.device_type == DeviceType.CUDA]
+        # kernels (and memcpy / memset), not the GPU-side copies of record_function ranges
+        # (ours, or torch's own such as "Optimizer.step#AdamW.step")
+        events = [e for e in events if e.device_type == DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)
+                  and not e.key.startswith("Optimizer.")]
         time_of = _self_device_us
     else:
         events = [e for e in events if e.device_type == DeviceType.CPU]

@@ -74,22 +74,36 @@ def test_tiny_run_writes_rows_ratios_and_plot(tmp_path):
     assert [r["seconds"] for r in again["rows"]] == [r["seconds"] for r in rows]
 
 
-def test_batch_sweep_records_oom_and_skips_larger_batches(tmp_path, monkeypatch):
+def test_batch_sweep_records_oom_skips_larger_batches_and_resumes(tmp_path, monkeypatch):
     e2e = _load("bench_e2e")
+    calls = []
 
     def fake_measure(coder, work, stage, batch, *rest):
+        calls.append(batch)
         if batch >= 2:
             return {"status": "oom"}
         return {"status": "ok", "seconds": 0.5, "seconds_min": 0.5, "seconds_max": 0.5,
                 "calls": 3, "items_per_s": batch / 0.5}
 
     monkeypatch.setattr(e2e, "measure", fake_measure)
-    report = e2e.main(["--device", "cpu", "--tiny", "--models", "T-T/8", "--no-sd-vae",
-                       "--batches", "1,2,4", "--stages", "decode", "--out-dir", str(tmp_path)])
+    argv = ["--device", "cpu", "--tiny", "--models", "T-T/8", "--no-sd-vae",
+            "--batches", "1,2,4", "--stages", "decode", "--out-dir", str(tmp_path)]
+    report = e2e.main(argv)
     status = {r["batch"]: r["status"] for r in report["rows"]}
-    assert status == {1: "ok", 2: "oom", 4: "skipped"}
+    assert status == {1: "ok", 2: "oom", 4: "skipped"} and calls == [1, 2]
     assert report["rows"][2]["note"] == "out of memory at batch 2"
     assert report["ratios"] == [] and not list(tmp_path.iterdir())  # CPU: nothing written unasked
+
+    calls.clear()
+    e2e.main(argv + ["--write-cpu", "--no-plot"])
+    assert calls == [1, 2]
+    calls.clear()
+    again = e2e.main(argv + ["--write-cpu", "--no-plot"])  # continues the file: nothing to redo
+    assert calls == [] and {r["batch"]: r["status"] for r in again["rows"]} == status
+    assert len(again["runs"]) == 2
+    calls.clear()
+    e2e.main(argv + ["--write-cpu", "--no-plot", "--fresh"])
+    assert calls == [1, 2]
 
 
 @pytest.mark.parametrize("argv, message", [
