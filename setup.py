@@ -13,7 +13,9 @@ EXTRAS = {
     # Metrics and the evaluate / reconstruct / encode / decode tools.
     "eval": ["torch-fidelity>=0.3", "lpips>=0.1.4", "av>=12", "matplotlib>=3.8", "tqdm>=4.66",
              "scikit-image>=0.22", "Pillow>=10"],
-    "bench": ["diffusers>=0.27", "pytest-benchmark>=4.0", "nvtx>=0.2.10", "matplotlib>=3.8"],
+    # bench_e2e.py and profile_step.py also run LPIPS and show progress.
+    "bench": ["diffusers>=0.27", "pytest-benchmark>=4.0", "nvtx>=0.2.10", "matplotlib>=3.8",
+              "tqdm>=4.66", "lpips>=0.1.4"],
 }
 EXTRAS["dev"] = sorted({dep for deps in EXTRAS.values() for dep in deps} | {"pytest>=8"})
 

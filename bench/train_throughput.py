@@ -1,7 +1,8 @@
-"""Stage-1 training throughput on one GPU: images/s and MFU for eager / --compile, with and
-without the fused kernels, LPIPS on. Writes bench/results/train_<gpu>.json.
+"""Stage-1 training throughput on one GPU: images/s, MFU and peak memory for eager /
+--compile, with and without the fused kernels, with and without activation checkpointing,
+LPIPS on. Writes bench/results/train_<gpu>.json.
 
-    python bench/train_throughput.py                      # S-B/16 at 256p, 4 variants
+    python bench/train_throughput.py                      # S-B/16 at 256p, 6 variants
     python bench/train_throughput.py --steps 40 --micro-batch-size 128
 
 Each variant is a separate ``train/stage1.py`` process (fresh compile caches, fresh memory)
@@ -28,6 +29,10 @@ VARIANTS = {
     "eager_kernels": [],
     "compile_reference": ["--compile", "--no-kernels"],
     "compile_kernels": ["--compile"],
+    # activation checkpointing: recompute each block in backward (less memory, ~1/3 more
+    # forward work); [issue 7] asks for it on and off
+    "eager_kernels_ckpt": ["--activation-checkpointing"],
+    "compile_kernels_ckpt": ["--compile", "--activation-checkpointing"],
 }
 
 
@@ -69,7 +74,8 @@ def main():
             results[name] = json.loads(record.read_text())
             r = results[name]
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-            print(f"   {r['images_per_s_per_gpu']:.0f} images/s per GPU, MFU {mfu}", flush=True)
+            print(f"   {r['images_per_s_per_gpu']:.0f} images/s per GPU, MFU {mfu}, "
+                  f"peak memory {r['peak_memory_gib']:.1f} GiB", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "target_images_per_s": 1000, "variants": results},
                               indent=2) + "\n")

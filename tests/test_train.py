@@ -207,3 +207,13 @@ def test_two_gloo_ranks_make_the_same_update_as_one_process(tmp_path, parallel):
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (step, k, (a[k] - b[k]).abs().max())
             worst = max(worst, float((a[k] - b[k]).abs().max()))
     print(f"{parallel}: largest weight difference after 2 steps {worst:.2e}")
+
+
+def test_bench_out_records_throughput_and_settings(tmp_path):
+    record_path = tmp_path / "bench.json"
+    stage1.main(_args(tmp_path / "run", "--max-steps", 4, "--lpips-weight", 0, "--log-every", 1,
+                      "--activation-checkpointing", "--bench-out", record_path))
+    record = json.loads(record_path.read_text())
+    assert record["images_per_s_total"] > 0 and len(record["windows"]) >= 3
+    assert record["activation_checkpointing"] is True and record["kernels"] is False
+    assert record["device"] == "cpu" and record["mfu"] is None and record["peak_memory_gib"] is None

@@ -351,6 +351,8 @@ def write_bench(path, args, throughput: Throughput, device, world: int, skip_fir
         "lpips": args.lpips_weight > 0, "dtype": str(autocast_dtype(args, device)),
         "images_per_s_total": per_s, "images_per_s_per_gpu": per_s / world, "mfu": mfu,
         "mfu_counts": "model fwd+bwd matmuls and attention (6 x MACs); LPIPS not counted",
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda" else None,
         "windows": rates, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else "cpu", "torch": torch.__version__, "triton": triton.__version__,
         "commit": git_commit(),
