@@ -122,6 +122,27 @@ def test_cuda_only_backend_on_cpu_is_a_clear_error(backend):
         A.attention(q, k, v, backend)
 
 
+def test_fa4_adapter_passes_bnhd_views_and_unpacks_out_lse(monkeypatch):
+    """FA4 (flash-attn-4 4.0.0b36: flash_attn.cute.flash_attn_func) takes (B, N, H, D) with a
+    unit last stride and returns (out, lse); a stand-in with that contract, run on the CPU,
+    checks the adapter's transposes (the real kernel needs a Hopper/Blackwell GPU)."""
+    q, k, v = _qkv(2, 3, 16, 72, model_layout=True)
+    seen = []
+
+    def fake_flash_attn_func(q, k, v):
+        seen.append((tuple(q.shape), q.stride(-1), k.data_ptr(), v.data_ptr()))
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        return out.transpose(1, 2), torch.zeros(2, 3, 16)
+
+    monkeypatch.setattr(A, "_fa4_import", lambda: (fake_flash_attn_func, None))
+    assert torch.equal(A._fa4(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert seen == [((2, 16, 3, 72), 1, k.data_ptr(), v.data_ptr())]  # views: no copies
+    monkeypatch.setattr(A, "_fa4_import", lambda: (None, "ModuleNotFoundError: No module named 'flash_attn'"))
+    with pytest.raises(ImportError, match=r"'fa4' needs the flash-attn-4 package \(pip install --pre "
+                                          r"flash-attn-4\), which did not import: ModuleNotFound"):
+        A._fa4(q, k, v)
+
+
 # -- the CUDA tuner's logic, run on the CPU with CPU candidates -----------------------------
 
 
@@ -144,6 +165,18 @@ def test_autotune_drops_a_wrong_kernel(monkeypatch):
     entry = A.autotune(q, k, v, candidates=("flash", "math"))
     assert entry["backend"] == "math" and set(entry["ms"]) == {"math"}
     assert "differs from the fp32 reference" in entry["errors"]["flash"]
+
+
+def test_reference_check_stays_fp32_under_autocast():
+    # scores of magnitude ~ 9 * 8 (|q|, |k| ~ 3 over 64 dims): bf16 matmuls for the reference
+    # would move the error 7x (measured 0.03 -> 0.20 of a 0.36 tolerance)
+    q, k, v = (3 * t for t in _qkv(1, 2, 64, 64))
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    out = A.attention(q, k, v, "math")
+    plain = A.reference_error(out, q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A.reference_error(out, q, k, v) == plain
+    assert plain[0] < plain[1]
 
 
 def test_autotune_inside_checkpoint_keeps_gradients_exact():

@@ -237,7 +237,8 @@ def reference_error(out, q, k, v) -> tuple[float, float]:
     the order of max|v|; a correct one by a few rounding steps of its dtype (bf16: eps 2^-7,
     so 4 eps = 3% of max|v|), with a floor of 1e-4 for fp32's long reductions."""
     q0, k0, v0 = (t[:1, :1].detach().float() for t in (q, k, v))
-    with torch.no_grad():
+    # fp32 even inside the caller's autocast region (it would run these matmuls in bf16)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         ref = ((q0 @ k0.transpose(-1, -2)) * q0.shape[-1] ** -0.5).softmax(-1) @ v0
         err = (out[:1, :1].detach().float() - ref).abs().max().item()
     tol = max(4 * torch.finfo(out.dtype).eps, 1e-4) * v0.abs().max().item()
