@@ -181,7 +181,8 @@ def test_reference_check_stays_fp32_under_autocast():
 
 def test_autotune_inside_checkpoint_keeps_gradients_exact():
     """Timing a backward inside the model's forward, under activation checkpointing's
-    saved-tensor hooks, must neither fail nor disturb the outer gradients."""
+    saved-tensor hooks, must neither fail nor disturb the outer gradients, nor move the
+    global RNG (exact resume)."""
     q, k, v = _qkv(1, 2, 16, 64, dtype=torch.float64)
     x = torch.randn(1, 2, 16, 64, dtype=torch.float64, requires_grad=True)
 
@@ -193,7 +194,9 @@ def test_autotune_inside_checkpoint_keeps_gradients_exact():
         return F.scaled_dot_product_attention(qq, k, v).square().sum()
 
     plain = torch.autograd.grad(block(x, False), x)[0]
+    rng = torch.get_rng_state()
     ckpt = torch.utils.checkpoint.checkpoint(block, x, True, use_reentrant=False)
+    assert torch.equal(torch.get_rng_state(), rng)  # tuning drew from its own generator
     assert torch.equal(torch.autograd.grad(ckpt, x)[0], plain)
     assert list(A.autotune_choices()) == ["1x2x16x64 float64 cpu fwd+bwd"]
 

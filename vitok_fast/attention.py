@@ -32,6 +32,7 @@ with a pinned backend on the CPU with ``ViTok.from_pretrained(dir, attention_bac
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import statistics
@@ -173,7 +174,7 @@ def _cached_or_tuned(q, k, v) -> str:
 def autotune_choices() -> dict[str, dict]:
     """What ``"auto"`` chose so far: ``"BxHxNxD dtype device mode" -> {"backend", "compiled",
     "ms": {backend: median ms}, "errors": {backend: why it was dropped}}``."""
-    return {f"{'x'.join(map(str, key[0]))} {key[2]} {key[3]} {key[4]}": dict(entry)
+    return {f"{'x'.join(map(str, key[0]))} {key[2]} {key[3]} {key[4]}": copy.deepcopy(entry)
             for key, entry in _CHOICES.items()}
 
 
@@ -194,7 +195,7 @@ def autotune(q, k, v, candidates=None) -> dict:
     # A backward timed inside the model's forward must keep its own saved tensors, whatever
     # saved-tensor hooks (activation checkpointing) the caller has pushed: the innermost
     # hooks win, so push identity ones. No outer autograd graph is touched: the timed
-    # calls run on detached copies of q, k, v.
+    # calls run on detached aliases of q, k, v (same storage and strides, no copy).
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
             torch.set_grad_enabled(grad), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PyTorch's "why this kernel cannot run" notes
@@ -209,7 +210,7 @@ def autotune(q, k, v, candidates=None) -> dict:
                 if not err <= tol:  # also catches NaN
                     errors[name] = f"output differs from the fp32 reference by {err:.3g} > {tol:.3g}"
                     continue
-                step = _step(_CALLS[name], leaves, torch.randn_like(out) if grad else None)
+                step = _step(_CALLS[name], leaves, _grad_out(out) if grad else None)
                 times[name] = 1e3 * _median_seconds(step, q.device)
             except torch.cuda.OutOfMemoryError as e:
                 errors[name] = f"out of memory: {e}"[:200]
@@ -243,6 +244,13 @@ def reference_error(out, q, k, v) -> tuple[float, float]:
         err = (out[:1, :1].detach().float() - ref).abs().max().item()
     tol = max(4 * torch.finfo(out.dtype).eps, 1e-4) * v0.abs().max().item()
     return err, tol
+
+
+def _grad_out(out):
+    # from a private generator: tuning must not move the global RNG, or a resumed run would
+    # draw different noise from an uninterrupted one
+    g = torch.Generator(device=out.device).manual_seed(0)
+    return torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype)
 
 
 def _step(call, leaves, grad_out):
