@@ -222,6 +222,29 @@ def test_compiled_graph_reads_the_cache_and_never_times():
     assert len(A.autotune_choices()) == 1  # the miss was not tuned
 
 
+def test_tune_runs_compiled_blocks_eagerly_and_fills_the_cache(monkeypatch):
+    """attention.tune: a model whose blocks are compiled (as train/stage1.py --compile does)
+    runs its tuning forward eagerly — nothing is traced — so every attention key is timed;
+    the RNG and .grad are untouched. The CUDA-only part of "auto" is routed to the CPU tuner."""
+    monkeypatch.setattr(A, "_auto", A._cached_or_tuned)  # tune on the CPU, as on CUDA
+    model = ViTok.from_name("T-T/8", use_kernels=False)
+    for transformer in (model.encoder.transformer, model.decoder.transformer):
+        for block in transformer.blocks:
+            block.compile()
+    model.encoder.requires_grad_(False)  # stage 2: a frozen encoder is tuned forward-only
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    rng = torch.get_rng_state()
+    choices = A.tune(model, x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # nothing compiled
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    # 16 tokens, 2 heads of 32, fp32: the encoder forward-only, the decoder forward+backward
+    assert sorted(choices) == ["2x2x16x32 float32 cpu fwd", "2x2x16x32 float32 cpu fwd+bwd"]
+    assert all(c["backend"] in ("sdpa", "flash", "math") for c in choices.values())
+
+
 # -- the model --------------------------------------------------------------------------------
 
 

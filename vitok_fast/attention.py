@@ -22,7 +22,8 @@ torch.compile: the timing never runs inside a compiled graph. While tracing, ``"
 reads the cache (filled by an eager call at that shape; otherwise plain ``"sdpa"``) and
 uses the fastest *SDPA* backend measured there, since ``sdpa_kernel`` traces into the graph
 while FA4's CuTe kernels would force a graph break. A fixed ``"fa4"`` still works under
-compile, as a graph break around the call.
+compile, as a graph break around the call. A compiled block is traced on its first call,
+before any eager call could tune, so :func:`tune` runs one eager forward first.
 
 A CUDA-only backend (``"cudnn"``, ``"efficient"``, ``"fa4"``) asked for on a CPU tensor is
 an error, not a silent fallback: a pinned backend is a request to run (or measure) that
@@ -169,6 +170,23 @@ def _cached_or_tuned(q, k, v) -> str:
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return "sdpa"
     return autotune(q, k, v)["backend"]
+
+
+def tune(model: torch.nn.Module, x: torch.Tensor) -> dict[str, dict]:
+    """Fill ``"auto"``'s cache for every attention shape of ``model(x)`` before compiled code
+    needs it, and return :func:`autotune_choices`.
+
+    A block compiled with ``torch.compile`` is traced on its first call, before any eager
+    call could time the kernels, so it would use plain SDPA. This runs one forward eagerly
+    (``torch.compiler.set_stance("force_eager")``: compiled blocks run uncompiled, nothing is
+    traced), under the caller's grad mode and autocast, so the keys are the training step's
+    (forward+backward where parameters require grad). No backward runs, no ``.grad`` is
+    touched, and the RNG state is restored. Call it on the unwrapped model (before DDP/FSDP
+    wrap it), with a real batch, inside the same ``torch.autocast`` as the training step."""
+    devices = [x.device] if x.is_cuda else []
+    with torch.compiler.set_stance("force_eager"), torch.random.fork_rng(devices=devices):
+        model(x)
+    return autotune_choices()
 
 
 def autotune_choices() -> dict[str, dict]:
