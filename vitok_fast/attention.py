@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "fa4")
 CUDA_ONLY = ("cudnn", "efficient", "fa4")
-# What "auto" times on CUDA. "math" is left out: it materialises the (N, N) scores, is never
-# the fastest, and at 4096 tokens its memory alone can exhaust the GPU. Listed in order of
-# preference on an exact tie.
+# What "auto" times on CUDA. "math" is left out: the unfused reference materialises the
+# (N, N) scores, tens of GB at 4096 tokens and a full batch. Listed in order of preference
+# on an exact tie.
 AUTO_CANDIDATES = ("cudnn", "flash", "efficient", "fa4")
 _SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
