@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from vitok_fast.attention import BACKENDS as ATTENTION_BACKENDS
 from vitok_fast.kernels.rope import rope_split
 
 # [paper] Table 1: hidden size, blocks, heads. The SwiGLU hidden size 8d/3 is [ours],
@@ -32,7 +33,7 @@ PAPER_VARIANTS = ("S-B/16", "S-L/16", "B-B/16", "S-B/8", "S-B/32", "S-B/4x8", "S
 
 @dataclass
 class ViTokConfig:
-    """Everything that fixes a ViTok's weights, plus the run-time kernel switch.
+    """Everything that fixes a ViTok's weights, plus the run-time kernel switches.
 
     Fields that shape weights are checked in ``__post_init__``; input sizes are not part of
     the config (any T, H, W divisible by the tubelet works at run time).
@@ -59,6 +60,10 @@ class ViTokConfig:
     # where Triton can run (CUDA tensors, or CPU under TRITON_INTERPRET=1); the plain
     # PyTorch path is used elsewhere and is always the reference.
     use_kernels: bool = True
+    # Which attention kernel runs (vitok_fast/attention.py): "auto" times the CUDA kernels
+    # once per shape and keeps the fastest (plain SDPA on the CPU); or pin one of
+    # "sdpa", "flash", "cudnn", "efficient", "math", "fa4". Run-time only: no weights.
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         def positive(field):
@@ -81,6 +86,9 @@ class ViTokConfig:
                     f"{side} head dim must be even and at least 6 so that 3D RoPE can give each "
                     f"of the t, h, w axes at least one rotary pair; got {width}/{heads} = "
                     f"{width / heads:g}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"ViTokConfig.attention_backend must be one of "
+                             f"{list(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if not self.logvar_min < self.logvar_max:
             raise ValueError(f"logvar_min must be < logvar_max, got {self.logvar_min} and {self.logvar_max}")
 

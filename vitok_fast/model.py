@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from vitok_fast import ops
+from vitok_fast.attention import attention, check_backend
 from vitok_fast.config import ViTokConfig
 from vitok_fast.fileio import atomic_write
 from vitok_fast.kernels import rope_cos_sin
@@ -44,20 +44,24 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention with 3D RoPE on q and k, no biases."""
+    """Bidirectional multi-head self-attention with 3D RoPE on q and k, no biases.
 
-    def __init__(self, dim: int, heads: int, use_kernels: bool):
+    ``backend`` picks the attention kernel (vitok_fast/attention.py; "auto": the fastest
+    measured on CUDA, plain SDPA on the CPU)."""
+
+    def __init__(self, dim: int, heads: int, use_kernels: bool, backend: str = "auto"):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.use_kernels = use_kernels
+        self.backend = check_backend(backend)
 
     def forward(self, x, cos, sin):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k = ops.rope_3d_qk(q, k, cos, sin, self.use_kernels)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -84,10 +88,11 @@ class Block(nn.Module):
     block's pair is summed by the transformer's final norm.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_hidden: int, eps: float, use_kernels: bool):
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, eps: float, use_kernels: bool,
+                 attention_backend: str = "auto"):
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps, use_kernels)
-        self.attn = Attention(dim, heads, use_kernels)
+        self.attn = Attention(dim, heads, use_kernels, attention_backend)
         self.mlp_norm = RMSNorm(dim, eps, use_kernels)
         self.mlp = SwiGLU(dim, mlp_hidden, use_kernels)
 
@@ -108,12 +113,13 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of Llama blocks and a final RMSNorm; builds its RoPE tables from the grid."""
 
-    def __init__(self, dim, depth, heads, mlp_hidden, eps, theta, use_kernels):
+    def __init__(self, dim, depth, heads, mlp_hidden, eps, theta, use_kernels,
+                 attention_backend="auto"):
         super().__init__()
         self.head_dim = dim // heads
         self.theta = theta
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_hidden, eps, use_kernels) for _ in range(depth))
+            Block(dim, heads, mlp_hidden, eps, use_kernels, attention_backend) for _ in range(depth))
         self.norm = RMSNorm(dim, eps, use_kernels)
         self.grad_checkpointing = False
 
@@ -122,7 +128,7 @@ class Transformer(nn.Module):
         """The encoder's or decoder's stack (``side`` is "encoder" or "decoder")."""
         size = lambda field: getattr(cfg, f"{side}_{field}")
         return cls(size("width"), size("depth"), size("heads"), size("mlp_hidden"),
-                   cfg.norm_eps, cfg.rope_theta, cfg.use_kernels)
+                   cfg.norm_eps, cfg.rope_theta, cfg.use_kernels, cfg.attention_backend)
 
     def forward(self, x, grid):
         cos, sin = rope_cos_sin(grid, self.head_dim, self.theta, device=x.device)
