@@ -25,7 +25,7 @@ from vitok_fast.training import (NonFiniteGuard, RunLogger, Throughput, accumula
                                  add_common_args, autocast_dtype, build_lpips, build_optimizer,
                                  clip_grad_norm, cosine_schedule, evaluate, finalize_args,
                                  heldout_batch, model_macs, noise_seed, peak_lr,
-                                 restore_run_state, rng_state, save_grid,
+                                 restore_run_state, rng_state, save_grid, tune_attention,
                                  write_bench)
 
 
@@ -67,6 +67,7 @@ def main(argv=None) -> dict:
         for transformer in (model.encoder.transformer, model.decoder.transformer):
             for block in transformer.blocks:
                 block.compile()
+    tune_attention(model, args, device, dtype, main_rank)  # before DDP wraps the model
     model = D.wrap_model(model, dist, args.parallel)
     lr = peak_lr(args)
     optimizer = build_optimizer(model, lr, args.weight_decay, device)

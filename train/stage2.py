@@ -28,7 +28,7 @@ from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, acc
                                  add_common_args, autocast_dtype, build_lpips, build_optimizer,
                                  clip_grad_norm, cosine_schedule, evaluate, finalize_args,
                                  heldout_batch, model_macs, noise_seed, peak_lr,
-                                 restore_run_state, rng_state, save_grid,
+                                 restore_run_state, rng_state, save_grid, tune_attention,
                                  write_bench)
 
 
@@ -104,6 +104,7 @@ def main(argv=None) -> dict:
     if args.compile:
         for block in model.decoder.transformer.blocks:
             block.compile()
+    tune_attention(model, args, device, dtype, main_rank)  # before DDP wraps the model
     model, disc_ddp = D.wrap_model(model, dist, "ddp"), D.wrap_model(disc, dist, "ddp")
     lr = peak_lr(args)
     opt_g = build_optimizer(model, lr, args.weight_decay, device)  # decoder only: encoder frozen

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from vitok_fast import attention
 from vitok_fast.config import ViTokConfig
 from vitok_fast.fileio import atomic_write
 from vitok_fast.losses import psnr
@@ -166,6 +167,22 @@ def build_lpips(args, device):
     if args.lpips_vgg == "random":
         return load_lpips(pretrained_backbone=False, device=device)
     return load_lpips(args.lpips_vgg, device=device)
+
+
+def tune_attention(model: nn.Module, args, device: torch.device, dtype: torch.dtype,
+                   main_rank: bool):
+    """On CUDA, time the attention backends once for this run's shapes (``"auto"``), before
+    compiled blocks are traced, on a random batch so the data stream is untouched; rank 0
+    prints the choices. Nothing to do on the CPU (``"auto"`` is plain SDPA there)."""
+    if device.type != "cuda" or model.config.attention_backend != "auto":
+        return
+    size = (args.resolution,) * 2 if args.frames == 1 else (args.frames, *(args.resolution,) * 2)
+    noise = torch.Generator(device).manual_seed(0)
+    x = torch.rand(args.micro_batch_size, 3, *size, device=device, generator=noise) * 2 - 1
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        choices = attention.tune(model, x)
+    if main_rank:
+        print(f"attention backends: {({k: v['backend'] for k, v in choices.items()})}")
 
 
 # -- optimizer and schedule -----------------------------------------------------------------
