@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,19 +38,9 @@ import triton  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from vitok_fast.kernel_bench import cases, measure_peak_bandwidth, time_call  # noqa: E402
+from vitok_fast.training import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _device_name(device: torch.device) -> str:
@@ -92,7 +81,7 @@ def run(device: torch.device, dtype: torch.dtype, ops, impls, out_dir: Path, plo
     name = _device_name(device)
     report = dict(
         device=name, torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda, python=sys.version.split()[0], commit=_git_commit(),
+        cuda=torch.version.cuda, python=sys.version.split()[0], commit=git_commit(),
         dtype=str(dtype).replace("torch.", ""), interpreted=device.type != "cuda",
         peak_bw_gb_per_s=peak / 1e9,
         peak_bw_method="device-to-device copy of 1 GiB (read + write bytes / median time)"

@@ -344,11 +344,15 @@ class Throughput:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit for benchmark records, ``-dirty`` when tracked files changed."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=5).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
+    return (commit + ("-dirty" if dirty else "")) if commit else None
 
 
 def write_bench(path, args, throughput: Throughput, device, world: int, skip_first: int = 1):
