@@ -163,6 +163,23 @@ def pixels(args, generator) -> torch.Tensor:
     return torch.rand(*shape, generator=generator, device=args.device) * 2 - 1
 
 
+def _profile(fn, name: str, args):
+    """``args.warmup`` unprofiled calls, then one call profiled inside a range ``name``;
+    returns the profiler, the peak device memory of that call (None on the CPU) and its result."""
+    device = args.device
+    for _ in range(args.warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with profile(activities=_activities(device)) as prof:
+        with record_function(name):
+            result = fn()
+        _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return prof, peak, result
+
+
 def profile_train_step(model, lpips, args):
     """Warm-up steps, then one profiled step; returns the profiler."""
     device, dtype = args.device, args.dtype
@@ -182,16 +199,7 @@ def profile_train_step(model, lpips, args):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with profile(activities=_activities(device)) as prof:
-        with record_function("train_step"):
-            loss = step()
-        _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    prof, peak, loss = _profile(step, "train_step", args)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the profiled training step gave a non-finite loss {loss.item()}")
     del optimizer
@@ -205,16 +213,7 @@ def profile_encode_decode(model, args):
     gen = torch.Generator(device).manual_seed(1)
     x = pixels(args, gen).to(args.dtype)
     run = lambda: model.decode(model.encode(x).mode())  # noqa: E731
-    for _ in range(args.warmup):
-        run()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with profile(activities=_activities(device)) as prof:
-        with record_function("encode_decode"):
-            out = run()
-        _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    prof, peak, out = _profile(run, "encode_decode", args)
     if out.shape != x.shape:
         raise RuntimeError(f"encode+decode returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
     return prof, peak
