@@ -334,16 +334,39 @@ class ViTok(nn.Module):
         atomic_write(directory / CONFIG_FILE,
                       lambda path: Path(path).write_text(self.config.to_json() + "\n"))
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str = "Upload ViTok",
+                    create_pr: bool = False):
+        """Upload ``config.json`` and ``model.safetensors`` to the Hub repo ``repo_id`` (created
+        if missing) in one commit, through huggingface_hub's upload API: vitok_fast/hub.py."""
+        from vitok_fast.hub import push_to_hub
+        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message, create_pr=create_pr)
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", **overrides) -> "ViTok":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None,
+                        torch_dtype: torch.dtype | None = None, device=None,
+                        **overrides) -> "ViTok":
         """Load a model saved by :meth:`save_pretrained`, with strict key and shape checks.
 
-        ``overrides`` set run-time config fields such as ``use_kernels``.
+        ``name_or_path`` is a local folder or a Hub id ``namespace/name``; a Hub id is
+        fetched at ``revision`` (branch, tag or commit) into ``cache_dir`` by huggingface_hub,
+        or read from that cache when offline (vitok_fast/hub.py). ``torch_dtype`` casts the
+        weights (e.g. ``torch.bfloat16``); ``device`` defaults to the CPU. ``overrides`` set
+        run-time config fields such as ``use_kernels``.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from vitok_fast.hub import resolve_checkpoint
+
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype)
+                                            and torch_dtype.is_floating_point):
+            raise ValueError(f"torch_dtype must be a floating-point torch.dtype such as "
+                             f"torch.bfloat16, got {torch_dtype!r}")
+        device = "cpu" if device is None else device
+        directory = resolve_checkpoint(name_or_path, revision, cache_dir)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
@@ -361,6 +384,8 @@ class ViTok(nn.Module):
             raise ValueError(
                 f"{weights_path} is not a readable safetensors file (truncated or corrupt?): {e}"
             ) from None
+        if torch_dtype is not None:
+            state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
         with torch.device("meta"):
             model = cls(config)
         _check_state(model.state_dict(), state, config_path, weights_path)
