@@ -95,6 +95,8 @@ def test_kl_is_a_per_sample_sum_and_vitoks_is_the_mean(name, shape):
     # ViTok's own kl(): one scalar, the mean over batch, tokens and channels
     assert vitok_post.kl().ndim == 0
     np.testing.assert_allclose(vitok_post.kl().item(), per_item.mean(), rtol=1e-5)
+    per_value = kl / post.mean[0].numel()  # the wrapper's KL per latent value, then the batch mean
+    np.testing.assert_allclose(per_value.mean().item(), vitok_post.kl().item(), rtol=1e-5)
 
 
 def test_kl_std_and_sample_match_diffusers_own_distribution(pair):
