@@ -3,6 +3,9 @@ encoding of the file its path names, unreadable files are listed with their reas
 follow the class folders, and stats.json equals numpy on the concatenated latents."""
 
 import io
+import os
+import subprocess
+import sys
 import json
 import tarfile
 
@@ -286,3 +289,40 @@ def test_decode_reads_shards_without_labels(ckpt, flat, tmp_path):
                      "--no-kernels", "--device", "cpu"])
     assert n == 6 and len(list((tmp_path / "d").glob("*.png"))) == 6
     assert [label for _, _, label in encode.iter_latents(out)] == [-1] * 6
+
+
+def test_two_gloo_ranks_give_the_single_process_stats_and_skipped_list(ckpt, flat, tmp_path):
+    common = ["-m", "vitok_fast.latent_stats", "--ckpt", str(ckpt), "--data", str(flat), *ARGS,
+              "--sample", "--num-workers", "0", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, *common, "--out", str(one)], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--standalone", *common, "--out", str(two)], check=True, env=env,
+                   capture_output=True)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["num_samples"] == b["num_samples"] == 6 and a["count"] == b["count"]
+    np.testing.assert_allclose(b["mean"], a["mean"], rtol=1e-12)  # per-item seeded noise
+    np.testing.assert_allclose(b["std"], a["std"], rtol=1e-12)
+    assert b["scaling_factor"] == pytest.approx(a["scaling_factor"], rel=1e-12)
+    assert sorted(s["path"] for s in b["skipped"]) == sorted(s["path"] for s in a["skipped"])
+    assert len(b["skipped"]) == 2
+
+
+def test_latent_stats_user_errors_are_one_line(ckpt, flat, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "vitok_fast.latent_stats", "--ckpt", str(ckpt),
+                          "--data", str(flat), "--out", str(tmp_path)], capture_output=True,
+                         text=True, env={**os.environ, "VITOK_DEBUG": "0"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: --out expects a JSON file path")
+
+
+def test_evaluation_split_of_tar_shards_over_ranks_loses_and_doubles_nothing(tmp_path):
+    pattern, names = _write_labelled_shards(tmp_path / "shards")
+    seen = []
+    for rank in (0, 1):
+        ds = make_dataset(pattern, R, train=False, with_meta=True)
+        ds.rank, ds.world = rank, 2  # what construction under torch.distributed sets
+        seen += [(item["index"], item["path"]) for item in evaluate._shard(ds, rank, 2, None)]
+    assert sorted(seen) == [(i, path) for i, (path, _) in enumerate(names)]  # 6 samples once
