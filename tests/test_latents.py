@@ -191,15 +191,29 @@ def test_chan_merge_of_partitions_equals_numpy_on_the_concatenation():
     assert np.array_equal(again.mean, merged.mean) and np.array_equal(again.m2, merged.m2)
 
 
-def test_resumed_encode_writes_the_same_shards_index_and_stats(ckpt, flat, tmp_path):
-    out = tmp_path / "latents"
-    _encode(ckpt, flat, out, "--num-workers", "0")
-    files = {p.name: p.read_bytes() for p in out.iterdir()}
+def test_an_encode_killed_mid_run_resumes_to_the_same_shards_index_and_stats(
+        ckpt, flat, tmp_path, monkeypatch):
+    whole, out = tmp_path / "whole", tmp_path / "latents"
+    _encode(ckpt, flat, whole, "--num-workers", "0")
+    files = {p.name: p.read_bytes() for p in whole.iterdir()}
+    assert sorted(files) == ["index.json", "latents-00000.safetensors",
+                             "latents-00001.safetensors", "stats.json"]
+    calls, encode_batch = [], ViTok.encode
+
+    def dies_at_the_third_batch(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode_batch(self, *a, **kw)
+
+    monkeypatch.setattr(ViTok, "encode", dies_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):  # batches of 2: shard 0 (4 items) is written
+        _encode(ckpt, flat, out, "--num-workers", "0", "--batch-size", "2")
     state = json.loads((out / "index.json").read_text())
-    state.update(complete=False, shards=state["shards"][:1])  # the run died in shard 2
-    (out / "index.json").write_text(json.dumps(state))
-    (out / encode.shard_name(1)).unlink(), (out / "stats.json").unlink()
-    _encode(ckpt, flat, out, "--num-workers", "0", "--batch-size", "2")
+    assert not state["complete"] and [s["count"] for s in state["shards"]] == [4]
+    assert "paths" not in state["shards"][0] and (out / encode.meta_name(0)).is_file()
+    monkeypatch.setattr(ViTok, "encode", encode_batch)
+    _encode(ckpt, flat, out, "--num-workers", "0", "--batch-size", "5")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
 

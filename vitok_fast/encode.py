@@ -16,7 +16,9 @@ epoch, as LDM-style training does, or use the mean alone.
 ``file``, ``count``, ``paths`` (the source of each item, in order), ``skipped`` (the
 unreadable files met while filling it, as {path, reason}: none is ever replaced by another
 item), ``end`` (the data set position after it) and ``moments`` (float64 per-channel count,
-mean and M2 of its latents). A run that stops resumes after the last complete shard (the
+mean and M2 of its latents); until the run is complete those per-shard lists live in
+``latents-00000.json`` beside each shard instead, so the index stays small while it is
+rewritten after every shard. A run that stops resumes after the last complete shard (the
 evaluation transform is deterministic, so items keep their order), and the statistics are
 merged from every shard's moments, so a resumed run writes the same stats.json as an
 uninterrupted one. ``python -m vitok_fast.decode`` turns the shards back into pixels.
@@ -45,9 +47,37 @@ def shard_name(k: int) -> str:
     return f"latents-{k:05d}.safetensors"
 
 
-def _write_index(out: Path, index: dict) -> None:
+# Per-shard lists (paths, skipped, moments) that index.json holds once the run is complete.
+# While it runs they live in one small file beside each shard, so that writing the index
+# after every shard costs O(shards), not O(items written so far): for ImageNet's 1.28M
+# paths, rewriting them all after each of 1251 shards would write ~50 GB of JSON.
+SHARD_LISTS = ("paths", "skipped", "moments")
 
-    atomic_write(out / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+
+def meta_name(k: int) -> str:
+    return f"latents-{k:05d}.json"
+
+
+def _dump(path: Path, obj) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _write_index(out: Path, index: dict) -> None:
+    if index["complete"]:
+        _dump(out / INDEX_FILE, index)
+        return
+    slim = [{k: v for k, v in s.items() if k not in SHARD_LISTS} for s in index["shards"]]
+    _dump(out / INDEX_FILE, {**index, "shards": slim})
+
+
+def _read_shard_lists(out: Path, shard: dict) -> dict:
+    if all(k in shard for k in SHARD_LISTS):
+        return shard
+    path = out / shard.get("meta", "")
+    if not path.is_file():
+        raise FileNotFoundError(f"{out / INDEX_FILE} lists {shard['file']} but its per-item "
+                                f"record {path} is missing; choose another --out")
+    return {**shard, **{k: v for k, v in json.loads(path.read_text()).items() if k in SHARD_LISTS}}
 
 
 def _totals(index: dict) -> None:
@@ -88,10 +118,11 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
         if any(old.get(k) != index[k] for k in keys):
             raise ValueError(f"{out} already holds latents of another run "
                              f"({ {k: old.get(k) for k in keys} }); choose another --out")
-        if any("end" not in s or "moments" not in s for s in old["shards"]):
+        if any("end" not in s for s in old["shards"]):
             raise ValueError(f"{out} was written by an older vitok_fast.encode (no per-item paths "
                              f"or moments in {INDEX_FILE}); choose another --out")
         index = old
+        index["shards"] = [_read_shard_lists(out, s) for s in index["shards"]]
         _totals(index)
         if index["complete"]:
             print(f"{out} is already complete ({index['num_samples']} items)", file=sys.stderr)
@@ -123,9 +154,11 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
         z = stats_latents(tensors["mean"].float(), tensors["logvar"].float(), buf["position"],
                           sample=sample, seed=seed)
         atomic_write(out / shard_name(k), lambda p: save_file(tensors, p))
-        index["shards"].append({"file": shard_name(k), "count": len(buf["label"]),
-                                "paths": list(buf["path"]), "skipped": list(skipped), "end": end,
-                                "moments": Moments.of(z).to_json()})
+        lists = {"paths": list(buf["path"]), "skipped": list(skipped),
+                 "moments": Moments.of(z).to_json()}
+        _dump(out / meta_name(k), lists)
+        index["shards"].append({"file": shard_name(k), "count": len(buf["label"]), "end": end,
+                                "meta": meta_name(k), **lists})
         _totals(index)
         _write_index(out, index)  # after the shard: the index never names a missing file
         for v in buf.values():
@@ -160,8 +193,10 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
         if not index["shards"]:
             raise ValueError(f"no readable item in the data set: all {len(skipped)} failed to "
                              f"decode, e.g. {skipped[0]['path']}: {skipped[0]['reason']}")
-        index["shards"][-1]["skipped"] += skipped
-        index["shards"][-1]["end"] = position
+        last = index["shards"][-1]
+        last["skipped"] += skipped
+        last["end"] = position
+        _dump(out / last["meta"], {k: last[k] for k in SHARD_LISTS})
         _totals(index)
     if not index["shards"]:
         raise ValueError("the data set gave no items to encode")
@@ -171,7 +206,11 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
                                    **stats_dict(moments, num_samples=index["num_samples"],
                                                 sample=sample, seed=seed)})
     index["complete"], index["stats"] = True, STATS_FILE
-    _write_index(out, index)
+    for shard in index["shards"]:
+        shard.pop("meta", None)
+    _write_index(out, index)  # now with every shard's lists; their side files can go
+    for k in range(len(index["shards"])):
+        (out / meta_name(k)).unlink(missing_ok=True)
     return index
 
 
