@@ -340,3 +340,19 @@ def test_evaluation_split_of_tar_shards_over_ranks_loses_and_doubles_nothing(tmp
         ds.rank, ds.world = rank, 2  # what construction under torch.distributed sets
         seen += [(item["index"], item["path"]) for item in evaluate._shard(ds, rank, 2, None)]
     assert sorted(seen) == [(i, path) for i, (path, _) in enumerate(names)]  # 6 samples once
+
+
+def test_video_class_folders_label_clips_and_list_a_too_short_one(tmp_path):
+    from test_data import _write_video
+
+    for cls, n_frames in (("ApplyEyeMakeup", 6), ("Archery", 6), ("Archery", 2)):
+        (tmp_path / cls).mkdir(exist_ok=True)
+        _write_video(tmp_path / cls / f"v_{cls}_{n_frames}.mp4", n_frames)
+    ds = make_dataset(str(tmp_path), 16, frames=4, train=False, with_meta=True)
+    assert ds.classes == ["ApplyEyeMakeup", "Archery"]
+    batch = collate_items([ds[i] for i in range(len(ds))])
+    assert batch["x"].shape == (2, 3, 4, 16, 16) and batch["label"].tolist() == [0, 1]
+    assert [p.rsplit("/", 1)[-1] for p in batch["path"]] == ["v_ApplyEyeMakeup_6.mp4",
+                                                            "v_Archery_6.mp4"]
+    [(index, path, reason)] = batch["skipped"]
+    assert path.endswith("v_Archery_2.mp4") and "has 2 frames" in reason
