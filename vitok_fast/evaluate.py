@@ -61,7 +61,8 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     ``dataset`` items are (3, H, W) images or (3, T, H, W) clips in [-1, 1] (the data
     contract), or the dicts of a ``with_meta`` dataset: then unreadable items are dropped,
     never replaced, and listed in ``skipped`` ([{path, reason}], all ranks). ``num_samples``
-    counts the items actually reconstructed. The networks for LPIPS / FID / FVD must be
+    counts the items actually reconstructed (a plain evaluation dataset raises
+    ``UnreadableItem`` instead). The networks for LPIPS / FID / FVD must be
     given when their metric is asked.
     """
     video = model.config.is_video
