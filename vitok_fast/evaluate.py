@@ -34,6 +34,8 @@ VIDEO_METRICS = ("psnr", "ssim", "lpips", "fvd")
 def _shard(dataset, rank: int, world: int, max_samples: int | None):
     """Items rank, rank + world, ... of the first max_samples (every rank sees distinct items)."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
+        if hasattr(dataset, "world"):  # tar shards split by rank themselves: one split only,
+            dataset.rank, dataset.world = 0, 1  # the one below, so no item is lost or doubled
         class _Strided(torch.utils.data.IterableDataset):
             def __iter__(self):
                 items = itertools.islice(dataset, max_samples)
@@ -57,7 +59,11 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     """Reconstruct every item of ``dataset`` and return the mean metrics over all ranks.
 
     ``dataset`` items are (3, H, W) images or (3, T, H, W) clips in [-1, 1] (the data
-    contract). The networks for LPIPS / FID / FVD must be given when their metric is asked.
+    contract), or the dicts of a ``with_meta`` dataset: then unreadable items are dropped,
+    never replaced, and listed in ``skipped`` ([{path, reason}], all ranks). ``num_samples``
+    counts the items actually reconstructed (a plain evaluation dataset raises
+    ``UnreadableItem`` instead). The networks for LPIPS / FID / FVD must be
+    given when their metric is asked.
     """
     video = model.config.is_video
     metrics = tuple(metrics or (VIDEO_METRICS if video else IMAGE_METRICS))
@@ -75,8 +81,12 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     if isinstance(dataset, torch.utils.data.IterableDataset):
         # several workers would each replay the whole stream: one worker keeps it exact
         num_workers = min(num_workers, 1)
+    with_meta = getattr(dataset, "with_meta", False)
+    if with_meta:
+        from vitok_fast.data import collate_items
     loader = torch.utils.data.DataLoader(_shard(dataset, rank, world, max_samples),
-                                         batch_size=batch_size, num_workers=num_workers)
+                                         batch_size=batch_size, num_workers=num_workers,
+                                         **({"collate_fn": collate_items} if with_meta else {}))
     model.eval()
     # per-frame metrics treat a (B, 3, T, H, W) clip as B*T images
     frames = (lambda u: u.transpose(1, 2).flatten(0, 1)) if video else (lambda u: u)
@@ -91,8 +101,14 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     else:
         features, dim = None, 0
     real_stats, fake_stats = M.FrechetStats(dim, device), M.FrechetStats(dim, device)
+    skipped = []
 
     for x in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0):
+        if with_meta:
+            skipped += [{"path": path, "reason": reason} for _, path, reason in x["skipped"]]
+            x = x["x"]
+            if x is None:  # every item of this batch was unreadable
+                continue
         if x.ndim != (5 if video else 4):
             raise ValueError(
                 f"expected data items {'(3, T, H, W) clips' if video else '(3, H, W) images'} for "
@@ -118,10 +134,18 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     if world > 1:
         dist.all_reduce(sums), dist.all_reduce(samples)
         real_stats.all_reduce(), fake_stats.all_reduce()
+        if with_meta:
+            parts = [None] * world
+            dist.all_gather_object(parts, skipped)
+            skipped = [s for part in parts for s in part]
     n, count = int(samples.item()), sums[3].item()
     if n == 0:
-        raise ValueError("the data set gave no items to evaluate")
+        raise ValueError("the data set gave no items to evaluate"
+                         + (f": all {len(skipped)} were unreadable, e.g. {skipped[0]['path']}: "
+                            f"{skipped[0]['reason']}" if skipped else ""))
     results = {"num_samples": n}
+    if with_meta:
+        results["skipped"] = skipped
     if "psnr" in metrics:
         results["psnr"] = sums[0].item() / count
     if "ssim" in metrics:
@@ -168,15 +192,6 @@ def resolve_ckpt(path) -> Path:
         raise ValueError(f"{path} holds several model checkpoints; pass one of: "
                          f"{', '.join(map(str, found))}")
     return path  # from_pretrained names the missing config.json / model.safetensors
-
-
-def _skipped(dataset):
-    """Unreadable files the data pipeline skipped (it counts them), or None if it does not say."""
-    for name in ("skipped", "num_skipped", "skipped_count"):
-        value = getattr(dataset, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def format_table(results: dict) -> str:
@@ -242,7 +257,7 @@ def main(argv=None) -> dict:
 
     resolution = args.resolution or (128 if video else 256)
     frames = args.frames or (16 if video else 1)
-    dataset = make_dataset(args.data, resolution, frames, train=False)
+    dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
     start = time.time()
     results = evaluate(model, dataset, metrics=metrics, batch_size=args.batch_size, device=device,
                        lpips_model=lpips_model, inception=inception, i3d=i3d,
@@ -253,7 +268,7 @@ def main(argv=None) -> dict:
         "ckpt": str(ckpt), "model": cfg.name, "channels": cfg.channels, "data": args.data,
         "resolution": resolution, "frames": frames, "E": cfg.E(frames, resolution, resolution),
         "sample": args.sample, "dtype": args.dtype, "tile": args.tile, **results,
-        "skipped_files": _skipped(dataset),
+        "skipped_files": len(results["skipped"]),  # each listed with its reason in "skipped"
         "seconds": round(time.time() - start, 2),
         "protocol": {
             "quantized_uint8": True,

@@ -395,10 +395,7 @@ def heldout_batch(args, n: int) -> torch.Tensor | None:
         return None
     ds = make_dataset(source, args.resolution, args.frames, frame_stride=args.frame_stride,
                       train=False, seed=args.seed)
-    if isinstance(ds, torch.utils.data.IterableDataset):
-        items = [x for _, x in zip(range(n), ds)]
-    else:
-        items = [ds[i] for i in range(min(n, len(ds)))]
+    items = [x for _, x in zip(range(n), ds)]  # the first n readable items, none substituted
     return torch.stack(items)
 
 
