@@ -71,14 +71,22 @@ class Support:
     dtypes: tuple[torch.dtype, ...] | None
     head_dims: tuple[int, ...] | None
     source: str  # where the limits come from
+    # device -> the fewest terms the kernel's backward sums before it rounds a partial sum
+    # of dq, dk or dv to a half-precision output (absent: it sums in fp32 and rounds once)
+    partial_sums: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 # One table: what each backend supports, read by the pinned-backend error, by "auto" (which
 # skips what cannot run) and by check_backend ("unsupported", not "wrong").
 SUPPORT = {
-    "sdpa": Support(("cpu", "cuda"), None, None, "PyTorch picks a kernel that can run"),
+    # PyTorch's CPU flash backward adds each block's gemm into the bf16/fp16 gradient
+    # (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp: query blocks of 32 to 256 rows,
+    # key blocks of 512); plain "sdpa" runs it on the CPU
+    "sdpa": Support(("cpu", "cuda"), None, None, "PyTorch picks a kernel that can run",
+                    partial_sums={"cpu": 32}),
     "math": Support(("cpu", "cuda"), None, None, "PyTorch's unfused reference"),
-    "flash": Support(("cpu", "cuda"), None, None, "PyTorch's checks (CUDA: fp16/bf16)"),
+    "flash": Support(("cpu", "cuda"), None, None, "PyTorch's checks (CUDA: fp16/bf16)",
+                     partial_sums={"cpu": 32}),
     "efficient": Support(("cuda",), None, None, "PyTorch's checks"),
     "cudnn": Support(("cuda",), _HALF, None, "PyTorch's checks"),
     # flash-attn-4 (flash_attn/cute): its tests run forward and backward with equal q/k and
@@ -201,7 +209,8 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def error_bounds(dtype: torch.dtype, *, head_dim: int, n_queries: int, n_keys: int,
-                 score_scale: float, scores_in_dtype: bool = False) -> dict[str, float]:
+                 score_scale: float, scores_in_dtype: bool = False,
+                 partial_sum_terms: int | None = None) -> dict[str, float]:
     """The most a correct kernel's ``out, dq, dk, dv`` may differ from exact attention on
     the same inputs, elementwise, relative to each element's *term magnitude* (see
     :func:`check_backend`): ``{"out": eps_O, "dq": ..., "dk": ..., "dv": ...}``.
@@ -228,6 +237,9 @@ def error_bounds(dtype: torch.dtype, *, head_dim: int, n_queries: int, n_keys: i
       (Nk + D + 16) w + 3 u``;
     - ``dq = scale dS k`` and ``dk = scale dS^T q``: ``eps_dQ = eps_dS + (Nk + 8) w + u +
       2 u_S``, ``eps_dK`` the same with Nq.
+    - A kernel that rounds a partial sum of dq, dk or dv to the input dtype after every
+      ``partial_sum_terms`` terms (PyTorch's CPU flash backward) adds ``u`` per extra
+      rounding: ``(ceil(Nk / b) - 1) u`` to dq, ``(ceil(Nq / b) - 1) u`` to dk and dv.
 
     First order in the roundoffs (the neglected terms are ``u^2``-small). For bf16 with
     fp32 scores these are about ``2u``, ``2u`` and ``6u``: 0.8% and 2.3% of the terms."""
@@ -238,10 +250,14 @@ def error_bounds(dtype: torch.dtype, *, head_dim: int, n_queries: int, n_keys: i
     eps_s = ((D + 8) * w + 3 * u_s) * score_scale
     eps_p = 2 * eps_s + (nk + 8) * w + u
     eps_ds = 2 * eps_p + (nk + D + 16) * w + 3 * u
+    extra_q = extra_k = 0.0
+    if partial_sum_terms is not None and u > w:
+        extra_q = (math.ceil(nq / partial_sum_terms) - 1) * u
+        extra_k = (math.ceil(nk / partial_sum_terms) - 1) * u
     return {"out": eps_p + (nk + 8) * w + u,
-            "dq": eps_ds + (nk + 8) * w + u + 2 * u_s,
-            "dk": eps_ds + (nq + 8) * w + u + 2 * u_s,
-            "dv": eps_p + (nq + 8) * w + u}
+            "dq": eps_ds + (nk + 8) * w + u + 2 * u_s + extra_k,
+            "dk": eps_ds + (nq + 8) * w + u + 2 * u_s + extra_q,
+            "dv": eps_p + (nq + 8) * w + u + extra_q}
 
 
 _TENSORS = ("out", "dq", "dk", "dv")
@@ -311,7 +327,8 @@ def check_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores_in_dtype = (name in ("math", "sdpa") and q.dtype in _HALF
                        and torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed())
     kernel = error_bounds(q.dtype, head_dim=D, n_queries=nq, n_keys=nk, score_scale=alpha,
-                          scores_in_dtype=scores_in_dtype)
+                          scores_in_dtype=scores_in_dtype,
+                          partial_sum_terms=SUPPORT[name].partial_sums.get(q.device.type))
     ref = error_bounds(_ref_dtype(q.device), head_dim=D, n_queries=nq, n_keys=nk,
                        score_scale=alpha)
     for t in _TENSORS:
@@ -352,7 +369,7 @@ def _compare(got, q, k, v, grad_out, scale) -> tuple[dict[str, float], float]:
                     sl = (slice(b, b + 1), slice(h, h + step))
                     qq, kk, vv, gg = (t[sl].to(dtype) for t in (q, k, v, grad_out))
                     mine = [t[sl].to(dtype) for t in got]
-                    ref, mag, a = _math_attention(qq, kk, vv, gg, s)
+                    ref, mag, a = _math_attention(qq, kk, vv, gg, s, torch.finfo(q.dtype).tiny)
                     alpha = max(alpha, a)
                     for t, x, r, m in zip(_TENSORS, mine, ref, mag):
                         errors[t] = max(errors[t], _rel_err(x, r, m))
@@ -361,8 +378,11 @@ def _compare(got, q, k, v, grad_out, scale) -> tuple[dict[str, float], float]:
     return errors, alpha
 
 
-def _math_attention(q, k, v, g, s):
-    """``(out, dq, dk, dv)``, their term magnitudes, and ``alpha``, by the textbook formulas."""
+def _math_attention(q, k, v, g, s, floor):
+    """``(out, dq, dk, dv)`` by the textbook formulas, their term magnitudes (see
+    check_backend) and ``alpha``. ``floor`` is the kernel dtype's smallest normal number:
+    below it rounding is absolute (half a subnormal step = unit roundoff x floor), so every
+    stored quantity's magnitude (P, dS, the outputs) is counted as at least ``floor``."""
     kt = k.transpose(-1, -2)
     p = (s * (q @ kt)).softmax(-1)
     out = p @ v
@@ -372,9 +392,11 @@ def _math_attention(q, k, v, g, s):
     dq, dk = s * (ds @ k), s * (ds.transpose(-1, -2) @ q)
     qa, ka, va, ga = q.abs(), k.abs(), v.abs(), g.abs()
     alpha = (s * (qa @ ka.transpose(-1, -2))).max().item()
+    pf = p + floor
     gv = ga @ va.transpose(-1, -2)
-    hm = p * (gv + (p * gv).sum(-1, keepdim=True))
-    mags = (p @ va, s * (hm @ ka), s * (hm.transpose(-1, -2) @ qa), p.transpose(-1, -2) @ ga)
+    hm = pf * (gv + (pf * gv).sum(-1, keepdim=True)) + floor
+    mags = (pf @ va + floor, s * (hm @ ka) + floor, s * (hm.transpose(-1, -2) @ qa) + floor,
+            pf.transpose(-1, -2) @ ga + floor)
     return (out, dq, dk, dv), mags, alpha
 
 
