@@ -109,17 +109,17 @@ def unsupported(name: str, q: torch.Tensor, v: torch.Tensor | None = None) -> st
     """Why ``SUPPORT`` says backend ``name`` cannot run on ``q`` (device, dtype, head dim),
     or None where it may (the kernel's own checks still apply)."""
     spec = SUPPORT[name]
-    if q.device.type not in spec.devices:
-        return (f"attention backend {name!r} runs on {' or '.join(spec.devices)} tensors, got "
-                f"{q.device.type} tensors")
-    if spec.dtypes is not None and q.dtype not in spec.dtypes:
-        return (f"attention backend {name!r} supports dtypes "
-                f"{[str(d).replace('torch.', '') for d in spec.dtypes]}, got "
-                f"{str(q.dtype).replace('torch.', '')}")
     dims = {q.shape[-1]} | ({v.shape[-1]} if v is not None else set())
     if spec.head_dims is not None and not dims <= set(spec.head_dims):
         return (f"attention backend {name!r} supports head dims {list(spec.head_dims)} "
                 f"({spec.source}), got {sorted(dims)[0] if len(dims) == 1 else sorted(dims)}")
+    if spec.dtypes is not None and q.dtype not in spec.dtypes:
+        return (f"attention backend {name!r} supports dtypes "
+                f"{[str(d).replace('torch.', '') for d in spec.dtypes]}, got "
+                f"{str(q.dtype).replace('torch.', '')}")
+    if q.device.type not in spec.devices:
+        return (f"attention backend {name!r} runs on {' or '.join(spec.devices)} tensors, got "
+                f"{q.device.type} tensors")
     return None
 
 
