@@ -1,34 +1,35 @@
-"""Attention backends: the one call the model's ``Attention`` makes, with the kernel chosen
-per shape.
+"""Attention backends: the one call the model's ``Attention`` makes, and a check that a
+kernel computes it correctly.
 
 ViTok's attention is plain bidirectional softmax attention (no mask, no dropout, scale
-``1/sqrt(D)``) on ``q, k, v`` of shape ``(B, H, N, D)``. Several kernels compute it, and
-which one is fastest depends on the GPU, the head size (64 for S/B, 72 for L), the token
-count and the dtype, so it is measured rather than guessed:
+``1/sqrt(D)``) on ``q, k, v`` of shape ``(B, H, N, D)``. Several kernels compute it:
 
-- ``"sdpa"``: ``F.scaled_dot_product_attention`` with PyTorch's own choice of kernel.
+- ``"sdpa"`` (the default): ``F.scaled_dot_product_attention`` with PyTorch's own choice of
+  kernel.
 - ``"flash"``, ``"cudnn"``, ``"efficient"``, ``"math"``: the same call restricted to one
   SDPA backend with ``torch.nn.attention.sdpa_kernel``. ``"math"`` is the unfused
   reference; ``"flash"`` also runs on the CPU (PyTorch has a CPU flash kernel).
 - ``"fa4"``: FlashAttention-4 (``flash_attn.cute.flash_attn_func`` from the
   ``flash-attn-4`` wheel, CuTe DSL kernels for Hopper/Blackwell), when it imports.
-- ``"auto"`` (the default): on CUDA, the first call at a new (shape, dtype, device,
-  forward-only or forward+backward) times every CUDA candidate once on the real inputs,
-  drops any that fail or disagree with an fp32 reference, and caches the fastest; later
-  calls are a dict lookup. :func:`autotune_choices` reports what was chosen and the
-  times behind it. On the CPU (and the meta device) ``"auto"`` is plain SDPA, untimed.
+- ``"auto"`` (opt-in): on CUDA, the first call at a new (shape, dtype, device, forward-only
+  or forward+backward) checks every candidate with :func:`check_backend` (forward and
+  backward, full tensors, against fp32 math), skips what cannot run or is wrong, times the
+  rest once on the real inputs and caches the fastest; under ``torch.distributed`` rank 0
+  chooses and broadcasts. Later calls are a dict lookup. On the CPU (and the meta device)
+  ``"auto"`` is plain SDPA, unchecked.
 
-torch.compile: the timing never runs inside a compiled graph. While tracing, ``"auto"``
-reads the cache (filled by an eager call at that shape; otherwise plain ``"sdpa"``) and
-uses the fastest *SDPA* backend measured there, since ``sdpa_kernel`` traces into the graph
-while FA4's CuTe kernels would force a graph break. A fixed ``"fa4"`` still works under
-compile, as a graph break around the call. A compiled block is traced on its first call,
-before any eager call could tune, so :func:`tune` runs one eager forward first.
+What each backend supports (devices, dtypes, head dims) is one table, :data:`SUPPORT`. A
+pinned backend it rules out (FA4 at ViTok-L's head dim 72; a CUDA-only backend on CPU
+tensors) is a ValueError naming what it supports, not a silent fallback: a pinned backend is
+a request to run (or measure) that kernel. ``"auto"`` skips it and says so once.
 
-A CUDA-only backend (``"cudnn"``, ``"efficient"``, ``"fa4"``) asked for on a CPU tensor is
-an error, not a silent fallback: a pinned backend is a request to run (or measure) that
-kernel, and quietly running another would make a benchmark lie. Load a checkpoint saved
-with a pinned backend on the CPU with ``ViTok.from_pretrained(dir, attention_backend="auto")``.
+torch.compile: checking and timing never run inside a compiled graph. While tracing,
+``"auto"`` reads the cache (filled by an eager call at that shape; otherwise plain
+``"sdpa"``) and uses the fastest *SDPA* backend measured there, since ``sdpa_kernel`` traces
+into the graph while FA4's CuTe kernels would force a graph break. A fixed ``"fa4"`` still
+works under compile, as a graph break around the call. A compiled block is traced on its
+first call, before any eager call could tune, so :func:`tune` runs one eager forward first.
+Design and measured numbers: docs/attention.md.
 """
 
 from __future__ import annotations
