@@ -24,6 +24,7 @@ def _one_thread_clean_cache():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     A.clear_autotune_cache()
+    A._SAID.clear()  # "auto"'s once-per-process warnings, so each test sees its own
     yield
     A.clear_autotune_cache()
     torch.set_num_threads(threads)
