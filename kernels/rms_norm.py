@@ -16,9 +16,8 @@ device and the shape, so the result is bit-for-bit reproducible run to run.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .utils import as_rows, check_device, num_programs, rows_per_program
 
 

@@ -17,9 +17,8 @@ dq and dk in one launch.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .utils import check_device, interpreted
 
 

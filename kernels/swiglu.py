@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .utils import as_rows, check_device, interpreted
 
 

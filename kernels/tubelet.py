@@ -35,10 +35,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from einops import rearrange
 
+from ._triton import tl, triton
 from .utils import _sm_count, autocast_inputs, check_device, interpreted
 
 
