@@ -1,4 +1,4 @@
-"""RMSNorm (SPEC.md section 4): ``F.rms_norm(x, (d,), weight, eps)``, statistics in fp32.
+"""RMSNorm (docs/design.md section 4): ``F.rms_norm(x, (d,), weight, eps)``, statistics in fp32.
 
 Forward: one program normalises a tile of whole rows (the row is the reduction, so a row
 never spans programs), keeps ``1/rms`` per row for the backward. The fused residual variant

@@ -1,4 +1,4 @@
-"""SwiGLU gate (SPEC.md section 4): ``silu(gate) * up``.
+"""SwiGLU gate (docs/design.md section 4): ``silu(gate) * up``.
 
 The model's MLP computes gate and up with one GEMM (``w13``) into a packed ``(..., 2h)``
 tensor; :func:`swiglu_packed` reads that tensor directly (gate = first half, up = second

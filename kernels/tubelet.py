@@ -1,6 +1,6 @@
 """Tubelet embed and unembed: the encoder's first Linear and the decoder's head.
 
-SPEC.md section 4: the embed is ``patchify(x) @ W.T + b`` and the head is
+docs/design.md section 4: the embed is ``patchify(x) @ W.T + b`` and the head is
 ``unpatchify(h @ W.T + b)``, with patchify
 ``rearrange(x, "b c (t q) (h p1) (w p2) -> b (t h w) (q p1 p2 c)")``. Images ``(B, 3, H, W)``
 are videos with T = 1 and q = 1.
