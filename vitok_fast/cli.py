@@ -26,8 +26,10 @@ class UserError(Exception):
     """A mistake the user can fix: a bad option, a missing file, a mismatched checkpoint."""
 
 
-# Exceptions that the library raises only for input it was given (checked at the edge).
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)
+# Exceptions that the library raises only for input it was given (checked at the edge), and
+# FloatingPointError, which only training's non-finite guard raises, with what to change.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError,
+               FloatingPointError)
 
 
 def run(main: Callable[..., object], *args, **kwargs):
