@@ -99,9 +99,11 @@ def main(argv=None) -> dict:
     init = resolve_checkpoint(args.init, args.init, flag="--init")
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    train_set = make_dataset(args.data, args.resolution, args.frames,
-                             frame_stride=args.frame_stride, train=True, seed=args.seed)
-    val_batch = heldout_batch(args, args.val_images)
+    with cli.option("--data", args.data):
+        train_set = make_dataset(args.data, args.resolution, args.frames,
+                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
+    with cli.option("--val-data", args.val_data):
+        val_batch = heldout_batch(args, args.val_images)
     val_batch = val_batch.to(device) if val_batch is not None else None
     resume_from = resolve_checkpoint(args.resume, out_dir)
     if resume_from is not None:  # a run of another stage-1 model names the differing fields

@@ -15,6 +15,7 @@ each option one of the ``type=`` validators below (``positive_int``, ``existing_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -60,6 +61,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+@contextlib.contextmanager
+def option(flag: str, value):
+    """Name the option a library error came from: ``with cli.option("--data", args.data):``
+    turns "no images in X" into "--data X: no images in X"."""
+    try:
+        yield
+    except (UserError, FileNotFoundError, ValueError) as e:
+        if flag in str(e):
+            raise
+        raise UserError(f"{flag} {value}: {e}") from e
 
 
 # -- type= validators: argparse reports them as "argument --flag: <message>" -------------

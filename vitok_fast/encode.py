@@ -187,7 +187,8 @@ def main(argv=None) -> dict:
     frames = args.frames or (16 if video else 1)
     cli.check_sizes(model.config, resolution=resolution, frames=args.frames, tile=args.tile,
                     overlap=args.overlap)
-    dataset = make_dataset(args.data, resolution, frames, train=False)
+    with cli.option("--data", args.data):
+        dataset = make_dataset(args.data, resolution, frames, train=False)
     index = encode_dataset(model, dataset, Path(args.out), resolution=resolution, frames=frames,
                            shard_size=args.shard_size, batch_size=args.batch_size,
                            dtype=DTYPES[args.dtype], max_samples=args.max_samples,

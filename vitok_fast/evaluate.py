@@ -263,7 +263,8 @@ def main(argv=None) -> dict:
                              without="or leave LPIPS out with --metrics (e.g. psnr,ssim)"
                              ) if "lpips" in metrics else None
 
-    dataset = make_dataset(args.data, resolution, frames, train=False)
+    with cli.option("--data", args.data):
+        dataset = make_dataset(args.data, resolution, frames, train=False)
     start = time.time()
     results = evaluate(model, dataset, metrics=metrics, batch_size=args.batch_size, device=device,
                        lpips_model=lpips_model, inception=inception, i3d=i3d,

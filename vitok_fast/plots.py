@@ -190,7 +190,8 @@ def main(argv=None) -> Path:
     if model.config.is_video:
         raise ValueError(f"the grid plot shows images; {model.config.name} is a video model")
     cli.check_sizes(model.config, resolution=args.resolution)
-    dataset = make_dataset(args.data, args.resolution, 1, train=False)
+    with cli.option("--data", args.data):
+        dataset = make_dataset(args.data, args.resolution, 1, train=False)
     items = []
     for x in dataset:
         items.append(x)
