@@ -1,6 +1,6 @@
 """Stage 1 of ViTok training: the autoencoder with MSE + eta * LPIPS + beta * KL.
 
-    torchrun --nproc_per_node 8 train/stage1.py                 # paper defaults: S-B/16, 256p
+    torchrun --nproc_per_node 8 train/stage1.py --data /data/imagenet/train   # paper: S-B/16, 256p
     python train/stage1.py --smoke                              # tiny CPU run, ~1 minute
     torchrun --nproc_per_node 8 train/stage1.py --data "shards/{000..099}.tar" --compile
 

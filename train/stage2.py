@@ -1,6 +1,6 @@
 """Stage 2 of ViTok training: freeze the encoder, fine-tune the decoder with a GAN.
 
-    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16
+    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16 --data /data/imagenet/train
     python train/stage2.py --smoke --init runs/stage1-T-T_8        # tiny CPU run
 
 [paper] Section 2.3 (SPEC.md section 2): the encoder is frozen; the decoder trains on
