@@ -292,7 +292,7 @@ def test_pixels_of_another_dtype_are_refused_naming_both_dtypes(model, dtype):
 
 
 @torch.no_grad()
-def test_half_precision_pixels_work_under_autocast_and_float64_never(model):
+def test_half_precision_pixels_work_under_autocast_and_float64_does_not(model):
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = model.encode(x.bfloat16()).mean
@@ -301,6 +301,9 @@ def test_half_precision_pixels_work_under_autocast_and_float64_never(model):
     reference = model.encode(x).mean
     assert z.shape == reference.shape
     assert (z.float() - reference).abs().max().item() < 0.1  # bf16 rounding, not garbage
+    exact = ViTok.from_name("T-T/8", use_kernels=False).double().eval()  # reference maths:
+    exact.load_state_dict(model.state_dict())                         # float64 in and out
+    assert (exact.encode(x.double()).mean - reference).abs().max().item() < 1e-4
 
 
 @torch.no_grad()

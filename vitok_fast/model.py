@@ -241,8 +241,8 @@ class ViTok(nn.Module):
         """Pixels (B, 3, H, W) or (B, 3, T, H, W) in [-1, 1] -> the posterior over latents.
 
         ``x`` must have the model's dtype (float32 unless the model was cast), or any of
-        float32 / bfloat16 / float16 inside ``torch.autocast``; float64 and integer pixels are
-        refused here, before any kernel runs. Values are not checked (that would cost a
+        float32 / bfloat16 / float16 inside ``torch.autocast``; anything else (float64 for a
+        float32 model, integer pixels) is refused here, before any kernel runs. Values are not checked (that would cost a
         device sync per call): a NaN or inf anywhere in a sample makes that sample's whole
         latent NaN, since attention mixes every token with every other; the other samples
         of the batch are unaffected. ``tile``/``overlap`` (pixels; (frames, h, w) for
@@ -296,8 +296,10 @@ class ViTok(nn.Module):
             hint = "; convert with x.float() / 127.5 - 1" if what == "pixels" else ""
             raise TypeError(f"expected {expected}, got dtype {x.dtype} (the model's dtype is "
                             f"{dtype}){hint}")
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if x.dtype == torch.float64 or (x.dtype != dtype and not autocast):
+        # autocast casts each matmul's inputs itself, so it takes any of the three; a float64
+        # model (reference maths in tests) takes float64, and no other model does
+        autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_INPUTS
+        if x.dtype != dtype and not autocast:
             raise TypeError(
                 f"expected {what} in the model's dtype {dtype} (or float32, bfloat16 or float16 "
                 f"inside torch.autocast), got dtype {x.dtype}; convert with x.to({dtype})")
@@ -393,6 +395,9 @@ class ViTok(nn.Module):
         _check_state(model.state_dict(), state, config_path, weights_path)
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device)
+
+
+_AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _init_weights(module: nn.Module) -> None:
