@@ -3,14 +3,14 @@
     python -m vitok_fast.reconstruct --ckpt runs/s1/final photo.jpg clip.mp4 --out recon/
     python -m vitok_fast.reconstruct --ckpt runs/s1/final photos/ --out recon/
 
-A folder stands for the image and video files directly in it. For each input writes ``<name>_recon.png`` / ``.mp4`` and ``<name>_compare.png`` / ``.mp4``
-(input left, reconstruction right), prints the per-file PSNR and writes them to
-``<out>/psnr.json``. Inputs keep their size, centre-cropped to a multiple of the patch
-(``--resolution R`` resizes the shorter side to R and centre-crops R x R instead); big
-inputs can be tiled with ``--tile``. An image model reconstructs a video frame by frame.
-A file that cannot be reconstructed (unreadable, too small, a video for an image-only model)
-is reported and skipped; ``psnr.json`` holds the others, and the exit status is 2 if any
-failed.
+A folder stands for the image and video files directly in it. For each input writes
+``<name>_recon.png`` / ``.mp4`` and ``<name>_compare.png`` / ``.mp4`` (input left,
+reconstruction right), prints the per-file PSNR and writes them to ``<out>/psnr.json``.
+Inputs keep their size, centre-cropped to a multiple of the patch (``--resolution R``
+resizes the shorter side to R and centre-crops R x R instead); big inputs can be tiled with
+``--tile``. An image model reconstructs a video frame by frame. A file that cannot be
+reconstructed (unreadable, smaller than one patch, an image for a video model) is reported
+and skipped; ``psnr.json`` holds the others, and the exit status is 2 if any failed.
 """
 
 from __future__ import annotations
