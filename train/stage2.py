@@ -1,6 +1,6 @@
 """Stage 2 of ViTok training: freeze the encoder, fine-tune the decoder with a GAN.
 
-    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16 --data /data/imagenet/train
+    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16 --data /data/in/train
     python train/stage2.py --smoke --init runs/stage1-T-T_8        # tiny CPU run
 
 [paper] Section 2.3 (SPEC.md section 2): the encoder is frozen; the decoder trains on
@@ -63,8 +63,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group("stage 2")
-    g.add_argument("--init", required=True, type=_init_dir, help="stage-1 checkpoint directory (or a stage-1 "
-                   "run directory: its latest); the model (--model, --channels) is the one it holds")
+    g.add_argument("--init", required=True, type=_init_dir,
+                   help="stage-1 checkpoint directory (or a stage-1 run directory: its latest); "
+                   "the model (--model, --channels) is the one it holds")
     g.add_argument("--gan-weight", type=cli.nonnegative_float, default=0.05,
                    help="lambda [ours: 0.05, see SPEC]")
     g.add_argument("--disc-lr", type=cli.positive_float, default=2e-5, help="[paper] 2e-5")
