@@ -1,6 +1,6 @@
 """Stage 1 of ViTok training: the autoencoder with MSE + eta * LPIPS + beta * KL.
 
-    torchrun --nproc_per_node 8 train/stage1.py                 # paper defaults: S-B/16, 256p
+    torchrun --nproc_per_node 8 train/stage1.py --data /data/imagenet/train   # paper: S-B/16, 256p
     python train/stage1.py --smoke                              # tiny CPU run, ~1 minute
     torchrun --nproc_per_node 8 train/stage1.py --data "shards/{000..099}.tar" --compile
 
@@ -11,18 +11,18 @@ The model knows nothing of DDP, compile or checkpoints: they are applied here, f
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from vitok_fast import ViTok, ViTokConfig
+from vitok_fast import ViTok, ViTokConfig, cli
 from vitok_fast import distributed as D
 from vitok_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint
 from vitok_fast.data import make_dataset, make_loader
 from vitok_fast.losses import reconstruction_loss
 from vitok_fast.training import (NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
                                  add_common_args, autocast_dtype, build_lpips, build_optimizer,
+                                 check_resume_model,
                                  clip_grad_norm, cosine_schedule, evaluate, finalize_args,
                                  heldout_batch, model_macs, noise_seed, peak_lr,
                                  restore_run_state, rng_state, save_grid, tune_attention,
@@ -30,10 +30,11 @@ from vitok_fast.training import (NonFiniteGuard, RunLogger, Throughput, accumula
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--kl-weight", type=float, default=1e-3, help="beta [paper: 1e-3]")
+    parser.add_argument("--kl-weight", type=cli.nonnegative_float, default=1e-3,
+                        help="beta [paper: 1e-3]")
     return finalize_args(parser.parse_args(argv), parser, "stage1")
 
 
@@ -48,14 +49,18 @@ def main(argv=None) -> dict:
     accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    train_set = make_dataset(args.data, args.resolution, args.frames,
-                             frame_stride=args.frame_stride, train=True, seed=args.seed)
-    val_batch = heldout_batch(args, args.val_images)
+    with cli.option("--data", args.data):
+        train_set = make_dataset(args.data, args.resolution, args.frames,
+                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
+    with cli.option("--val-data", args.val_data):
+        val_batch = heldout_batch(args, args.val_images)
     val_batch = val_batch.to(device) if val_batch is not None else None
     config = ViTokConfig.from_name(args.model, channels=args.channels,
                                    use_kernels=not args.no_kernels,
                                    attention_backend=args.attention_backend)
     resume_from = resolve_checkpoint(args.resume, out_dir)
+    if resume_from is not None:  # another model's run names the differing fields
+        check_resume_model(resume_from, config, f"--model {args.model} --channels {args.channels}")
 
     # -- model, optimizer, schedule; a resumed run reloads all of them -----------------------
     model = ViTok(config).to(device)
@@ -184,8 +189,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)

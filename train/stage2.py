@@ -1,6 +1,6 @@
 """Stage 2 of ViTok training: freeze the encoder, fine-tune the decoder with a GAN.
 
-    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16
+    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16 --data /data/in/train
     python train/stage2.py --smoke --init runs/stage1-T-T_8        # tiny CPU run
 
 [paper] Section 2.3 (docs/design.md section 2): the encoder is frozen; the decoder trains on
@@ -12,24 +12,40 @@ generator's GAN term ramps in linearly over the discriminator's warm-up.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from vitok_fast import ViTok
+from vitok_fast import ViTok, cli
 from vitok_fast import distributed as D
-from vitok_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint
+from vitok_fast.checkpoint import (is_complete, latest_checkpoint, load_state,
+                                   resolve_checkpoint, save_checkpoint)
 from vitok_fast.data import make_dataset, make_loader
 from vitok_fast.discriminator import Discriminator
 from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
                                reconstruction_loss)
 from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
                                  add_common_args, autocast_dtype, build_lpips, build_optimizer,
+                                 check_resume_model,
                                  clip_grad_norm, cosine_schedule, evaluate, finalize_args,
                                  heldout_batch, model_macs, noise_seed, peak_lr,
                                  restore_run_state, rng_state, save_grid, tune_attention,
                                  write_bench)
+
+
+def _init_dir(text: str) -> str:
+    """``--init``: an existing stage-1 checkpoint or run directory ('auto' is --resume's)."""
+    if text == "auto":
+        raise argparse.ArgumentTypeError(
+            "'auto' is for --resume; --init needs the stage-1 checkpoint directory or the "
+            "stage-1 run directory (its latest checkpoint), e.g. runs/stage1-S-B_16")
+    cli.existing_dir(text)
+    if not is_complete(Path(text)) and latest_checkpoint(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a stage-1 checkpoint directory (holding config.json, model.safetensors "
+            f"and train_state.pt) or a stage-1 run directory with such checkpoints, got {text}, "
+            f"which holds neither")
+    return text
 
 
 def _init_config(spec):
@@ -43,19 +59,21 @@ def _init_config(spec):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group("stage 2")
-    g.add_argument("--init", required=True, help="stage-1 checkpoint directory (or a stage-1 "
-                   "run directory: its latest); the model (--model, --channels) is the one it holds")
-    g.add_argument("--gan-weight", type=float, default=0.05, help="lambda [ours: 0.05, see docs/design.md section 2]")
-    g.add_argument("--disc-lr", type=float, default=2e-5, help="[paper] 2e-5")
-    g.add_argument("--disc-warmup", type=int, default=25_000,
+    g.add_argument("--init", required=True, type=_init_dir,
+                   help="stage-1 checkpoint directory (or a stage-1 run directory: its latest); "
+                   "the model (--model, --channels) is the one it holds")
+    g.add_argument("--gan-weight", type=cli.nonnegative_float, default=0.05,
+                   help="lambda [ours: 0.05, see docs/design.md section 2]")
+    g.add_argument("--disc-lr", type=cli.positive_float, default=2e-5, help="[paper] 2e-5")
+    g.add_argument("--disc-warmup", type=cli.nonnegative_int, default=25_000,
                    help="discriminator lr warm-up steps [paper: 25k]; the generator's GAN "
                    "term ramps in over the same steps")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="[paper] 0.9999")
-    g.add_argument("--disc-channels", type=int, default=64,
+    g.add_argument("--ema-decay", type=cli.fraction, default=0.9999, help="[paper] 0.9999")
+    g.add_argument("--disc-channels", type=cli.positive_int, default=64,
                    help="discriminator channels at full resolution, doubling per halving up to 512")
     args = parser.parse_args(argv)
     # The model is the stage-1 checkpoint's: take its name (and so image/video defaults) there.
@@ -82,11 +100,15 @@ def main(argv=None) -> dict:
     init = resolve_checkpoint(args.init, args.init, flag="--init")
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    train_set = make_dataset(args.data, args.resolution, args.frames,
-                             frame_stride=args.frame_stride, train=True, seed=args.seed)
-    val_batch = heldout_batch(args, args.val_images)
+    with cli.option("--data", args.data):
+        train_set = make_dataset(args.data, args.resolution, args.frames,
+                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
+    with cli.option("--val-data", args.val_data):
+        val_batch = heldout_batch(args, args.val_images)
     val_batch = val_batch.to(device) if val_batch is not None else None
     resume_from = resolve_checkpoint(args.resume, out_dir)
+    if resume_from is not None:  # a run of another stage-1 model names the differing fields
+        check_resume_model(resume_from, _init_config(args.init), f"--init {args.init}")
 
     # -- the stage-1 model with a frozen encoder, a discriminator, the EMA -------------------
     model = ViTok.from_pretrained(resume_from or init, device=device,
@@ -244,8 +266,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)

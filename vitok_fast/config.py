@@ -31,6 +31,11 @@ _NAME = re.compile(r"^(?P<enc>[A-Z])-(?P<dec>[A-Z])/(?:(?P<q>\d+)x)?(?P<p>\d+)$"
 PAPER_VARIANTS = ("S-B/16", "S-L/16", "B-B/16", "S-B/8", "S-B/32", "S-B/4x8", "S-B/8x8", "S-B/4x16")
 
 
+# Fields that change how a model runs, not what it computes: configs that differ only in
+# these are the same model (a checkpoint saved with kernels loads without them).
+RUNTIME_FIELDS = ("use_kernels", "attention_backend")
+
+
 @dataclass
 class ViTokConfig:
     """Everything that fixes a ViTok's weights, plus the run-time kernel switches.
@@ -147,6 +152,14 @@ class ViTokConfig:
         if unknown:
             raise ValueError(f"config has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+    def differences(self, other: "ViTokConfig | dict") -> list[str]:
+        """``field: mine -> other's`` for each field that differs, run-time switches aside:
+        what an error says when a checkpoint or a run directory holds another model."""
+        mine = self.to_dict()
+        theirs = other.to_dict() if isinstance(other, ViTokConfig) else dict(other)
+        return [f"{k}: {mine.get(k)} -> {theirs.get(k)}" for k in sorted({*mine, *theirs})
+                if k not in RUNTIME_FIELDS and k != "name" and mine.get(k) != theirs.get(k)]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

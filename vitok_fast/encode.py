@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vitok_fast import cli
 from vitok_fast.fileio import atomic_write
 from vitok_fast.latent_stats import STATS_FILE, Moments, merge_all, stats_dict, stats_latents, \
     write_stats
@@ -88,6 +89,21 @@ def _totals(index: dict) -> None:
     index["next_item"] = shards[-1]["end"] if shards else 0
 
 
+def settings_differences(old: dict, new: dict, keys) -> list[str]:
+    """``key: old -> new`` for each setting that differs (a model config by its fields, the
+    run-time kernel switches aside)."""
+    from vitok_fast.config import ViTokConfig
+
+    changed = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if k == "config" and isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"config.{d}" for d in ViTokConfig.from_dict(a).differences(b)]
+        elif a != b:
+            changed.append(f"{k}: {a} -> {b}")
+    return changed
+
+
 @torch.no_grad()
 def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 1,
                    shard_size: int = 1024, batch_size: int = 32, dtype=torch.float32,
@@ -115,9 +131,11 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
     if (out / INDEX_FILE).is_file():
         old = json.loads((out / INDEX_FILE).read_text())
         keys = ("model", "config", "resolution", "frames", "dtype", "shard_size", "sample", "seed")
-        if any(old.get(k) != index[k] for k in keys):
-            raise ValueError(f"{out} already holds latents of another run "
-                             f"({ {k: old.get(k) for k in keys} }); choose another --out")
+        changed = settings_differences(old, index, keys)
+        if changed:
+            raise ValueError(f"{out} already holds latents of another run, made with other "
+                             f"settings ({'; '.join(changed)}); resume with the same settings "
+                             f"or choose another --out")
         if any("end" not in s for s in old["shards"]):
             raise ValueError(f"{out} was written by an older vitok_fast.encode (no per-item paths "
                              f"or moments in {INDEX_FILE}); choose another --out")
@@ -251,28 +269,29 @@ def iter_latents(directory: str | Path):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m vitok_fast.encode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.encode", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
     p.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
-    p.add_argument("--out", required=True, help="output directory for shards and index.json")
-    p.add_argument("--resolution", type=int, help="centre-crop size (default 256 images, 128 videos)")
-    p.add_argument("--frames", type=int, help="frames per clip for video models (default 16)")
-    p.add_argument("--shard-size", type=int, default=1024, help="items per shard")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--max-samples", type=int, help="encode only the first N items of the data set")
+    p.add_argument("--out", required=True, type=cli.output_dir,
+                   help="output directory for shards and index.json")
+    p.add_argument("--resolution", type=cli.positive_int,
+                   help="centre-crop size (default 256 images, 128 videos)")
+    p.add_argument("--frames", type=cli.positive_int,
+                   help="frames per clip for video models (default 16)")
+    p.add_argument("--shard-size", type=cli.positive_int, default=1024, help="items per shard")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
+    p.add_argument("--num-workers", type=cli.nonnegative_int, default=2)
+    p.add_argument("--max-samples", type=cli.positive_int, help="encode only the first N items of the data set")
     p.add_argument("--sample", action="store_true",
                    help="stats.json of posterior samples, not of the posterior mean")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --sample noise")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the --sample noise")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="storage dtype")
-    p.add_argument("--tile", type=int, help="encode in tiles of this many pixels")
-    p.add_argument("--overlap", type=int, help="tile overlap in pixels")
+    p.add_argument("--tile", type=cli.positive_int, help="encode in tiles of this many pixels")
+    p.add_argument("--overlap", type=cli.nonnegative_int, help="tile overlap in pixels")
     p.add_argument("--no-kernels", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default=cli.default_device())
     args = p.parse_args(argv)
-    if args.shard_size < 1:
-        raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
 
     from vitok_fast.data import make_dataset
     from vitok_fast.evaluate import resolve_ckpt
@@ -283,7 +302,10 @@ def main(argv=None) -> dict:
     video = model.config.is_video
     resolution = args.resolution or (128 if video else 256)
     frames = args.frames or (16 if video else 1)
-    dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
+    cli.check_sizes(model.config, resolution=resolution, frames=args.frames, tile=args.tile,
+                    overlap=args.overlap)
+    with cli.option("--data", args.data):
+        dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
     index = encode_dataset(model, dataset, Path(args.out), resolution=resolution, frames=frames,
                            shard_size=args.shard_size, batch_size=args.batch_size,
                            dtype=DTYPES[args.dtype], max_samples=args.max_samples,
@@ -297,4 +319,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vitok_fast import cli
 from vitok_fast import metrics as M
 from vitok_fast.fileio import atomic_write
 
@@ -202,28 +203,47 @@ def format_table(results: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
     p.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
-    p.add_argument("--resolution", type=int, help="centre-crop size (default 256 images, 128 videos)")
-    p.add_argument("--frames", type=int, help="frames per clip for video models (default 16)")
+    p.add_argument("--resolution", type=cli.positive_int,
+                   help="centre-crop size (default 256 images, 128 videos)")
+    p.add_argument("--frames", type=cli.positive_int,
+                   help="frames per clip for video models (default 16)")
     p.add_argument("--metrics", help=f"comma-separated subset (images: {','.join(IMAGE_METRICS)}; "
                                      f"videos: {','.join(VIDEO_METRICS)}); default all")
     p.add_argument("--inception", help=f"FID Inception weights ({M.INCEPTION_FILE})")
     p.add_argument("--i3d", help=f"FVD I3D weights ({M.I3D_FILE})")
     p.add_argument("--lpips-vgg", help="VGG16 weights for LPIPS (vgg16-397923af.pth)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--max-samples", type=int, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16)
+    p.add_argument("--num-workers", type=cli.nonnegative_int, default=2)
+    p.add_argument("--max-samples", type=cli.positive_int, help="evaluate only the first N items")
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the mean")
-    p.add_argument("--tile", type=int, help="encode/decode in tiles of this many pixels")
-    p.add_argument("--overlap", type=int, help="tile overlap in pixels (default tile/4)")
+    p.add_argument("--tile", type=cli.positive_int,
+                   help="encode/decode in tiles of this many pixels")
+    p.add_argument("--overlap", type=cli.nonnegative_int,
+                   help="tile overlap in pixels (default tile/4)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
     p.add_argument("--no-kernels", action="store_true", help="plain PyTorch ops instead of Triton")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json)")
+    p.add_argument("--device", type=cli.device, default=cli.default_device())
+    p.add_argument("--out", type=cli.output_file,
+                   help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json)")
     return p.parse_args(argv)
+
+
+def parse_metrics(text: str | None, video: bool, name: str) -> tuple[str, ...]:
+    """``--metrics`` as a tuple, every name checked against what the model's kind allows."""
+    allowed = VIDEO_METRICS if video else IMAGE_METRICS
+    if not text:
+        return allowed
+    metrics = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in metrics if m not in allowed]
+    if unknown or not metrics:
+        raise cli.UserError(f"--metrics {text}: expected a comma-separated subset of "
+                            f"{','.join(allowed)} for the {'video' if video else 'image'} model "
+                            f"{name}, got {','.join(unknown) or 'none'}")
+    return metrics
 
 
 def main(argv=None) -> dict:
@@ -246,8 +266,11 @@ def main(argv=None) -> dict:
     model = ViTok.from_pretrained(ckpt, device=device, **overrides)
     cfg = model.config
     video = cfg.is_video
-    metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else (
-        VIDEO_METRICS if video else IMAGE_METRICS)
+    metrics = parse_metrics(args.metrics, video, cfg.name)
+    resolution = args.resolution or (128 if video else 256)
+    frames = args.frames or (16 if video else 1)
+    cli.check_sizes(cfg, resolution=resolution, frames=args.frames,
+                    tile=args.tile, overlap=args.overlap)
     # every weight file is checked before the first batch, not after an hour of features
     inception = M.load_inception(args.inception, device) if "fid" in metrics else None
     i3d = M.load_i3d(args.i3d, device) if "fvd" in metrics else None
@@ -255,9 +278,8 @@ def main(argv=None) -> dict:
                              without="or leave LPIPS out with --metrics (e.g. psnr,ssim)"
                              ) if "lpips" in metrics else None
 
-    resolution = args.resolution or (128 if video else 256)
-    frames = args.frames or (16 if video else 1)
-    dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
+    with cli.option("--data", args.data):
+        dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
     start = time.time()
     results = evaluate(model, dataset, metrics=metrics, batch_size=args.batch_size, device=device,
                        lpips_model=lpips_model, inception=inception, i3d=i3d,
@@ -292,4 +314,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

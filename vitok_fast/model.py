@@ -238,9 +238,18 @@ class ViTok(nn.Module):
     # -- the autoencoder ------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor, tile=None, overlap=None) -> DiagonalGaussian:
-        """``tile``/``overlap`` (pixels; (frames, h, w) for videos) encode big inputs in
-        overlapping pieces blended across the seams: see vitok_fast/tiling.py."""
+        """Pixels (B, 3, H, W) or (B, 3, T, H, W) in [-1, 1] -> the posterior over latents.
+
+        ``x`` must have the model's dtype (float32 unless the model was cast), or any of
+        float32 / bfloat16 / float16 inside ``torch.autocast``; anything else (float64 for a
+        float32 model, integer pixels) is refused here, before any kernel runs. Values are not checked (that would cost a
+        device sync per call): a NaN or inf anywhere in a sample makes that sample's whole
+        latent NaN, since attention mixes every token with every other; the other samples
+        of the batch are unaffected. ``tile``/``overlap`` (pixels; (frames, h, w) for
+        videos) encode big inputs in overlapping pieces blended across the seams: see
+        vitok_fast/tiling.py."""
         if tile is not None:
+            self._check_dtype(x, "pixels")
             from vitok_fast.tiling import tiled_encode
             return tiled_encode(self, x, tile, overlap)
         self._check_pixels(x)
@@ -254,7 +263,12 @@ class ViTok(nn.Module):
         return DiagonalGaussian(to_latent(mean), to_latent(logvar))
 
     def decode(self, z: torch.Tensor, tile=None, overlap=None) -> torch.Tensor:
+        """Latents (B, c, H/p, W/p) or (B, c, T/q, H/p, W/p) -> pixels, roughly in [-1, 1].
+
+        The same dtype rule as :meth:`encode`; a NaN or inf in a sample's latent makes that
+        sample's whole output NaN, the rest of the batch is unaffected."""
         if tile is not None:
+            self._check_dtype(z, "latent")
             from vitok_fast.tiling import tiled_decode
             return tiled_decode(self, z, tile, overlap)
         self._check_latent(z)
@@ -271,6 +285,24 @@ class ViTok(nn.Module):
 
     # -- input checks, at the edge, before any kernel runs ---------------------------------
 
+    def _check_dtype(self, x, what: str) -> None:
+        """Floating point, and the model's dtype unless autocast picks the matmul dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of {what}, got {type(x).__name__}")
+        dtype = next(self.parameters()).dtype
+        if not x.is_floating_point():
+            expected = ("floating-point pixels in [-1, 1]" if what == "pixels"
+                        else "a floating-point latent")
+            hint = "; convert with x.float() / 127.5 - 1" if what == "pixels" else ""
+            raise TypeError(f"expected {expected}, got dtype {x.dtype} (the model's dtype is "
+                            f"{dtype}){hint}")
+        # autocast casts each matmul's inputs itself, so it takes any of the three; a float64
+        # model (reference maths in tests) takes float64, and no other model does
+        if x.dtype != dtype and not (x.dtype in _AUTOCAST_INPUTS and _autocast_on(x.device)):
+            raise TypeError(
+                f"expected {what} in the model's dtype {dtype} (or float32, bfloat16 or float16 "
+                f"inside torch.autocast), got dtype {x.dtype}; convert with x.to({dtype})")
+
     def _check_pixels(self, x) -> None:
         cfg = self.config
         if not isinstance(x, torch.Tensor):
@@ -279,10 +311,7 @@ class ViTok(nn.Module):
             raise ValueError(
                 f"expected images (B, {cfg.in_channels}, H, W) or videos "
                 f"(B, {cfg.in_channels}, T, H, W), got a {x.ndim}-d tensor of shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"expected floating-point pixels in [-1, 1] (float32, bfloat16 or float16), "
-                f"got dtype {x.dtype}; convert with x.float() / 127.5 - 1")
+        self._check_dtype(x, "pixels")
         if x.shape[0] == 0:
             raise ValueError(f"expected a batch of at least 1, got an empty batch of shape {tuple(x.shape)}")
         if x.shape[1] != cfg.in_channels:
@@ -312,8 +341,7 @@ class ViTok(nn.Module):
             raise ValueError(
                 f"expected latents (B, {c}, H', W') or (B, {c}, T', H', W'), got a {z.ndim}-d "
                 f"tensor of shape {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"expected a floating-point latent, got dtype {z.dtype}")
+        self._check_dtype(z, "latent")
         if z.shape[0] == 0 or 0 in z.shape[2:]:
             raise ValueError(f"expected a non-empty latent, got shape {tuple(z.shape)}")
         if z.shape[1] != c:
@@ -391,6 +419,16 @@ class ViTok(nn.Module):
         _check_state(model.state_dict(), state, config_path, weights_path)
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device)
+
+
+_AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device autocast does not know (meta, for FLOP counting)
+        return False
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vitok_fast import attention
+from vitok_fast import attention, cli
 from vitok_fast.config import ViTokConfig
 from vitok_fast.fileio import atomic_write
 from vitok_fast.losses import psnr
@@ -29,39 +29,44 @@ from vitok_fast.losses import psnr
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Arguments both stages take. Defaults are the paper's (docs/design.md section 2) for
-    ViTok S-B/16 at 256p on the embedded photos; ``--smoke`` swaps in a CPU-sized run."""
+    """Arguments both stages take, each checked as it is parsed (vitok_fast/cli.py). Defaults
+    are the paper's (docs/design.md section 2) for ViTok S-B/16 at 256p; ``--data`` has no default
+    outside ``--smoke``, which swaps in a CPU-sized run on the embedded photos."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="S-B/16", help="paper-style name, e.g. S-B/16, S-L/16, S-B/4x8")
-    g.add_argument("--channels", type=int, default=16, help="bottleneck channels c [paper: 16]")
-    g.add_argument("--resolution", type=int, default=256)
-    g.add_argument("--frames", type=int, default=None,
+    g.add_argument("--channels", type=cli.positive_int, default=16,
+                   help="bottleneck channels c [paper: 16]")
+    g.add_argument("--resolution", type=cli.positive_int, default=None,
+                   help="crop size (default: the paper's 256 for image models, 128 for video models)")
+    g.add_argument("--frames", type=cli.positive_int, default=None,
                    help="frames per clip (default: 1 for image models, 16 for video models)")
-    g.add_argument("--frame-stride", type=int, default=1)
+    g.add_argument("--frame-stride", type=cli.positive_int, default=1)
     g.add_argument("--data", default=None, help="folder, video file, 'shards/{000..099}.tar', "
-                   "'embedded' (photos shipped with scikit-image) or 'embedded-video' "
-                   "(default: embedded / embedded-video)")
+                   "'embedded' (the 15 photos shipped with scikit-image) or 'embedded-video'; "
+                   "required unless --smoke (which uses embedded / embedded-video)")
     g.add_argument("--val-data", default=None, help="held-out data for the PSNR and image grids "
-                   "(default: the embedded held-out photos for embedded data, else none)")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loader workers per rank")
+                   "(default: the embedded held-out photos for embedded data, else none; "
+                   "'' for none)")
+    g.add_argument("--num-workers", type=cli.nonnegative_int, default=4,
+                   help="data-loader workers per rank")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--global-batch-size", type=int, default=None,
+    g.add_argument("--global-batch-size", type=cli.positive_int, default=None,
                    help="images (or clips) per optimizer step over all ranks")
-    g.add_argument("--micro-batch-size", type=int, default=32,
+    g.add_argument("--micro-batch-size", type=cli.positive_int, default=32,
                    help="per rank and forward pass; the rest is gradient accumulation")
-    g.add_argument("--max-steps", type=int, default=100_000)
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--max-steps", type=cli.positive_int, default=100_000)
+    g.add_argument("--lr", type=cli.positive_float, default=None,
                    help="peak lr (default: 1e-4 * global batch * frames / 256)")
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--warmup-frac", type=float, default=0.03)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--lpips-weight", type=float, default=1.0, help="eta [paper: 1.0]")
+    g.add_argument("--min-lr", type=cli.nonnegative_float, default=1e-5)
+    g.add_argument("--warmup-frac", type=cli.fraction, default=0.03)
+    g.add_argument("--weight-decay", type=cli.nonnegative_float, default=1e-4)
+    g.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
+    g.add_argument("--lpips-weight", type=cli.nonnegative_float, default=1.0, help="eta [paper: 1.0]")
     g.add_argument("--lpips-vgg", default=None, help="VGG16 weights for LPIPS "
                    "(default: torchvision's cache); 'random' = random backbone, smoke/tests only")
-    g.add_argument("--max-nonfinite", type=int, default=10,
+    g.add_argument("--max-nonfinite", type=cli.positive_int, default=10,
                    help="stop after this many non-finite steps in a row")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=cli.nonnegative_int, default=0)
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -73,18 +78,21 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="attention kernel (docs/attention.md): 'sdpa' = PyTorch's choice; 'auto' "
                    "checks and times the CUDA kernels once per shape, the same choice on every rank")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--device", type=cli.device, default=None,
+                   help="cuda or cpu (default: cuda if available)")
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default=None, help="run directory (default: runs/<stage>-<model>)")
+    g.add_argument("--out-dir", type=cli.output_dir, default=None,
+                   help="run directory (default: runs/<stage>-<model>)")
     g.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in --out-dir if "
                    "any), a checkpoint directory, or '' to start fresh")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    g.add_argument("--save-every", type=int, default=2000)
-    g.add_argument("--eval-every", type=int, default=1000)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--val-images", type=int, default=8)
-    g.add_argument("--bench-out", default=None, help="write throughput (images/s, MFU) as JSON "
-                   "here at the end of the run")
+    g.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
+    g.add_argument("--save-every", type=cli.positive_int, default=2000)
+    g.add_argument("--eval-every", type=cli.positive_int, default=1000)
+    g.add_argument("--log-every", type=cli.positive_int, default=10)
+    g.add_argument("--val-images", type=cli.positive_int, default=8,
+                   help="held-out samples per evaluation (--val-data '' for none)")
+    g.add_argument("--bench-out", type=cli.output_file, default=None,
+                   help="write throughput (images/s, MFU) as JSON here at the end of the run")
     g.add_argument("--smoke", action="store_true",
                    help="a CPU-sized run: T-T/8 at 32px, batch 8, 30 steps, embedded data, "
                    "random LPIPS backbone unless --lpips-vgg is given")
@@ -98,18 +106,29 @@ SMOKE = dict(model="T-T/8", resolution=32, global_batch_size=8, micro_batch_size
 
 def finalize_args(args, parser, stage: str) -> argparse.Namespace:
     """Apply ``--smoke`` (only to options the user left at their defaults) and the defaults
-    that depend on the model (frames, batch sizes, data)."""
+    that depend on the model (frames, resolution, batch sizes); check the sizes against the
+    model and that there is ``--data``, all before any work starts."""
     if args.smoke:
         for key, value in SMOKE.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
         if args.lpips_vgg is None:
             args.lpips_vgg = "random"
-    config = ViTokConfig.from_name(args.model, channels=args.channels)
+    try:
+        config = ViTokConfig.from_name(args.model, channels=args.channels)
+    except ValueError as e:
+        parser.error(f"argument --model: {e}")
     video = config.is_video
     if args.frames is None:
         args.frames = 16 if video else 1
+    if args.resolution is None:  # [paper] 256p images, 128p videos (as evaluate and encode)
+        args.resolution = 128 if video else 256
+    cli.check_sizes(config, resolution=args.resolution, frames=args.frames)
     if args.data is None:
+        if not args.smoke:
+            parser.error("argument --data is required (a folder, a video file, "
+                         "'shards/{000..099}.tar', or 'embedded' for the 15 photos shipped with "
+                         "scikit-image; --smoke uses those)")
         args.data = "embedded-video" if video else "embedded"
     if args.val_data is None and args.data in ("embedded", "embedded-video"):
         args.val_data = args.data + ":val"
@@ -118,9 +137,6 @@ def finalize_args(args, parser, stage: str) -> argparse.Namespace:
                                   ("stage2", False): 256, ("stage2", True): 128}[stage, video]
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{stage}-{args.model.replace('/', '_')}")
-    for key in ("resolution", "micro_batch_size", "max_steps", "global_batch_size"):
-        if getattr(args, key) <= 0:
-            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     return args
 
 
@@ -134,6 +150,22 @@ def resume_differences(saved: dict, args) -> list[str]:
     """Arguments whose change since the checkpoint breaks an exact resume, as ``a -> b``."""
     return [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in _RESUME_EXACT
             if k in saved and saved[k] != getattr(args, k)]
+
+
+def check_resume_model(checkpoint: Path, config: ViTokConfig, asked: str) -> None:
+    """A checkpoint of another model (size, channels, patch, ...) cannot be resumed into this
+    run: say which config fields differ and how to get on, before any weight is loaded.
+    ``asked`` says where this run's model comes from (``--model S-B/16 --channels 16``)."""
+    from vitok_fast.model import CONFIG_FILE
+
+    saved = ViTokConfig.from_dict(json.loads((Path(checkpoint) / CONFIG_FILE).read_text()))
+    changed = saved.differences(config)
+    if changed:
+        raise cli.UserError(
+            f"cannot resume from {checkpoint}: it holds {saved.name} with {saved.channels} "
+            f"channels, this run asks for {config.name} with {config.channels} ({asked}); "
+            f"differing config fields: {'; '.join(changed)}. Use the run's own settings, "
+            f"another --out-dir, or --resume '' to start fresh in this one")
 
 
 def restore_run_state(state: dict, args, guard: "NonFiniteGuard", rank: int, main_rank: bool) -> int:
