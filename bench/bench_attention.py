@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from vitok_fast import attention as A
 from vitok_fast.fileio import atomic_write
-from vitok_fast.kernel_bench import time_call
-from vitok_fast.training import git_commit, peak_flops
+from vitok_fast.benchmarking import git_commit, time_call
+from vitok_fast.training import peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = ((12, 64), (16, 72))  # (heads, head dim): S/B and L [paper Table 1]

@@ -9,7 +9,7 @@ import torch
 from vitok_fast import ViTok
 from vitok_fast import attention as A
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 GPU_BACKENDS = ("sdpa", "flash", "cudnn", "efficient", "math", "fa4")
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -343,23 +343,10 @@ class Throughput:
         return per_s, mfu
 
 
-def git_commit() -> str | None:
-    """The checkout's commit for benchmark records, ``-dirty`` when tracked files changed."""
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("-dirty" if dirty else "")) if commit else None
-
-
 def write_bench(path, args, throughput: Throughput, device, world: int, skip_first: int = 1):
-    """Median samples/s over the logged windows after the first ``skip_first`` (compile and
-    warm-up), as bench/results JSON."""
-    import triton
-
+    """The ``--bench-out`` record: median samples/s over the logged windows after the first
+    ``skip_first`` (compile and warm-up), MFU, peak memory and the run's settings, as JSON.
+    The benchmark driver (bench/train_throughput.py) adds the commit it measured."""
     rates = throughput.history[skip_first:] or throughput.history
     per_s = float(np.median(rates)) if rates else float("nan")
     mfu = per_s * throughput.flops_per_sample / (throughput.peak * world) if throughput.peak else None
@@ -375,12 +362,18 @@ def write_bench(path, args, throughput: Throughput, device, world: int, skip_fir
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda" else None,
         "windows": rates, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else "cpu", "torch": torch.__version__, "triton": triton.__version__,
-        "commit": git_commit(),
+        else "cpu", "torch": torch.__version__, "triton": _triton_version(),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(record, indent=2) + "\n"))
     return record
+
+
+def _triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # -- held-out evaluation and logging (rank 0 writes) ---------------------------------------
