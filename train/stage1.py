@@ -53,7 +53,8 @@ def main(argv=None) -> dict:
     val_batch = heldout_batch(args, args.val_images)
     val_batch = val_batch.to(device) if val_batch is not None else None
     config = ViTokConfig.from_name(args.model, channels=args.channels,
-                                   use_kernels=not args.no_kernels)
+                                   use_kernels=not args.no_kernels,
+                                   attention_backend=args.attention_backend)
     resume_from = resolve_checkpoint(args.resume, out_dir)
 
     # -- model, optimizer, schedule; a resumed run reloads all of them -----------------------

@@ -90,7 +90,8 @@ def main(argv=None) -> dict:
 
     # -- the stage-1 model with a frozen encoder, a discriminator, the EMA -------------------
     model = ViTok.from_pretrained(resume_from or init, device=device,
-                                  use_kernels=not args.no_kernels)
+                                  use_kernels=not args.no_kernels,
+                                  attention_backend=args.attention_backend)
     config = model.config
     model.encoder.requires_grad_(False)
     disc = Discriminator(args.resolution, args.disc_channels).to(device)

@@ -60,10 +60,11 @@ class ViTokConfig:
     # where Triton can run (CUDA tensors, or CPU under TRITON_INTERPRET=1); the plain
     # PyTorch path is used elsewhere and is always the reference.
     use_kernels: bool = True
-    # Which attention kernel runs (vitok_fast/attention.py): "auto" times the CUDA kernels
-    # once per shape and keeps the fastest (plain SDPA on the CPU); or pin one of
-    # "sdpa", "flash", "cudnn", "efficient", "math", "fa4". Run-time only: no weights.
-    attention_backend: str = "auto"
+    # Which attention kernel runs (vitok_fast/attention.py): "sdpa" lets PyTorch choose;
+    # "auto" (opt-in) checks the CUDA kernels forward and backward once per shape and keeps
+    # the fastest correct one (plain SDPA on the CPU); or pin one of "flash", "cudnn",
+    # "efficient", "math", "fa4". Run-time only: no weights.
+    attention_backend: str = "sdpa"
 
     def __post_init__(self):
         def positive(field):

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from vitok_fast import ops
-from vitok_fast.attention import attention, check_backend
+from vitok_fast.attention import DEFAULT_BACKEND, attention, validate_backend
 from vitok_fast.config import ViTokConfig
 from vitok_fast.fileio import atomic_write
 from vitok_fast.kernels import rope_cos_sin
@@ -46,16 +46,16 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Bidirectional multi-head self-attention with 3D RoPE on q and k, no biases.
 
-    ``backend`` picks the attention kernel (vitok_fast/attention.py; "auto": the fastest
-    measured on CUDA, plain SDPA on the CPU)."""
+    ``backend`` picks the attention kernel (vitok_fast/attention.py; default "sdpa":
+    PyTorch's own choice; "auto": the fastest that passes a forward+backward check on CUDA)."""
 
-    def __init__(self, dim: int, heads: int, use_kernels: bool, backend: str = "auto"):
+    def __init__(self, dim: int, heads: int, use_kernels: bool, backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.use_kernels = use_kernels
-        self.backend = check_backend(backend)
+        self.backend = validate_backend(backend)
 
     def forward(self, x, cos, sin):
         B, N, D = x.shape
@@ -89,7 +89,7 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, eps: float, use_kernels: bool,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps, use_kernels)
         self.attn = Attention(dim, heads, use_kernels, attention_backend)
@@ -114,7 +114,7 @@ class Transformer(nn.Module):
     """A stack of Llama blocks and a final RMSNorm; builds its RoPE tables from the grid."""
 
     def __init__(self, dim, depth, heads, mlp_hidden, eps, theta, use_kernels,
-                 attention_backend="auto"):
+                 attention_backend=DEFAULT_BACKEND):
         super().__init__()
         self.head_dim = dim // heads
         self.theta = theta

@@ -69,6 +69,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--no-kernels", action="store_true", help="plain-PyTorch ops instead of the "
                    "fused Triton kernels")
+    g.add_argument("--attention-backend", choices=attention.BACKENDS, default=attention.DEFAULT_BACKEND,
+                   help="attention kernel (docs/attention.md): 'sdpa' = PyTorch's choice; 'auto' "
+                   "checks and times the CUDA kernels once per shape, the same choice on every rank")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g = p.add_argument_group("run")
@@ -171,9 +174,11 @@ def build_lpips(args, device):
 
 def tune_attention(model: nn.Module, args, device: torch.device, dtype: torch.dtype,
                    main_rank: bool):
-    """On CUDA, time the attention backends once for this run's shapes (``"auto"``), before
-    compiled blocks are traced, on a random batch so the data stream is untouched; rank 0
-    prints the choices. Nothing to do on the CPU (``"auto"`` is plain SDPA there)."""
+    """With ``--attention-backend auto`` on CUDA: check and time the attention backends once
+    for this run's shapes, before compiled blocks are traced, on a random batch so the data
+    stream is untouched. Every rank calls it (rank 0 chooses and broadcasts each shape's
+    kernel: the same on every rank); rank 0 prints the choices. Nothing to do for a pinned
+    backend or on the CPU (``"auto"`` is plain SDPA there)."""
     if device.type != "cuda" or model.config.attention_backend != "auto":
         return
     size = (args.resolution,) * 2 if args.frames == 1 else (args.frames, *(args.resolution,) * 2)
