@@ -90,3 +90,25 @@ def test_usage_errors_are_one_line_before_any_work(argv, message, capsys, monkey
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_restarts_under_the_interpreter_when_triton_was_imported_without_it():
+    # Triton reads TRITON_INTERPRET when first imported: a CPU selftest in a process that
+    # imported it without the variable must rerun itself with it set (here: the rerun is
+    # recorded instead of made)
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, vitok_fast.kernels\n"
+        "from vitok_fast import selftest\n"
+        "selftest.subprocess.call = lambda cmd, env: print('RERUN', env['TRITON_INTERPRET'], "
+        "' '.join(cmd[1:])) or 7\n"
+        "sys.exit(selftest.main(['--quick', '--device', 'cpu']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    assert "RERUN 1 -m vitok_fast.selftest --quick --device cpu" in proc.stdout
