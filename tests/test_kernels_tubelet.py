@@ -4,16 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitok_fast.config import SIZES
 from vitok_fast.kernels import (patchify, tubelet_embed, tubelet_embed_ref, tubelet_unembed,
                                 tubelet_unembed_ref, unpatchify)
+from vitok_fast.kernels.tubelet import weight_grad_grid
 from _kernel_bounds import (DTYPES, STORE_ULP, assert_within, dot_bound, fp32_bound,  # noqa: F401
                             one_thread)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# (pixel shape, q, p, width): images with p = 8 and 16, a non-square image, a video
+# (pixel shape, q, p, width): images with p = 8 and 16, a non-square image, a video, and
+# 256 tokens, where the interpreter splits the weight gradients' token sum (split-K) in 2
 CASES = [((2, 3, 32, 32), 1, 8, 64), ((1, 3, 16, 40), 1, 8, 200),
-         ((1, 3, 32, 32), 1, 16, 72), ((1, 3, 4, 16, 24), 2, 8, 72)]
+         ((1, 3, 32, 32), 1, 16, 72), ((1, 3, 4, 16, 24), 2, 8, 72), ((4, 3, 64, 64), 1, 8, 64)]
 
 
 def _thw(shape):
@@ -123,3 +126,58 @@ def test_tubelet_rejects_bad_shapes():
 def test_tubelet_rejects_mixed_dtypes():
     with pytest.raises(ValueError, match="one dtype"):
         tubelet_embed(torch.randn(1, 3, 16, 16), torch.randn(8, 192).bfloat16(), None, 1, 8)
+
+
+def test_split_k_case_really_splits_under_the_interpreter():
+    # the last CASES entry: 256 tokens into a (64, 192) embed dW and a (192, 64) unembed dW
+    for rows, cols in ((64, 192), (192, 64)):
+        grid = weight_grad_grid(rows, cols, 4 * 8 * 8, sm_count=0, interpreted=True)
+        assert grid.splits == 2 and grid.programs == 6
+
+
+# (model, pixel shape per sample, q, p): S-B/16 and S-L/16 at 256p and 512p, S-B/4x8 video
+GPU_SHAPES = [("S-B/16", (3, 256, 256), 1, 16), ("S-B/16", (3, 512, 512), 1, 16),
+              ("S-L/16", (3, 256, 256), 1, 16), ("S-L/16", (3, 512, 512), 1, 16),
+              ("S-B/4x8", (3, 16, 128, 128), 4, 8)]
+
+
+@pytest.mark.parametrize("ieee", (False, True), ids=("bf16", "fp32"))
+@pytest.mark.parametrize("batch", (8, 16, 32, 64, 128, 256))
+@pytest.mark.parametrize("model,pixels,q,p", GPU_SHAPES, ids=[f"{m}-{'x'.join(map(str, px))}"
+                                                              for m, px, _, _ in GPU_SHAPES])
+def test_weight_grads_fill_an_h100(model, pixels, q, p, batch, ieee):
+    # Both weight gradients of the model's tubelet layers on a 132-SM H100: the encoder's
+    # embed (d_enc, K) and the decoder's head (K, d_dec), summed over batch x tokens.
+    sms = 132
+    enc, dec = model[0], model[2]
+    d_enc, d_dec = SIZES[enc]["width"], SIZES[dec]["width"]
+    K = q * p * p * 3
+    T, H, W = (1, *pixels[1:]) if len(pixels) == 3 else pixels[1:]
+    tokens = batch * (T // q) * (H // p) * (W // p)
+    for rows, cols in ((d_enc, K), (K, d_dec)):
+        grid = weight_grad_grid(rows, cols, tokens, sm_count=sms, ieee=ieee)
+        assert grid.tiles_m * grid.tiles_n == -(-rows // 128) * -(-cols // 128)  # 36 or 54
+        assert grid.programs >= 2 * sms, grid
+        # each slice is a whole number of BLOCK_K steps and the slices cover the tokens once
+        assert grid.chunk % grid.block_k == 0
+        assert (grid.splits - 1) * grid.chunk < tokens <= grid.splits * grid.chunk
+        # and the fp32 partial slabs stay small next to the activations (< 64 MiB)
+        assert grid.splits * rows * cols * 4 < 64 * 2 ** 20, grid
+
+
+def test_weight_grads_are_bit_reproducible(device):
+    # split-K sums fixed slices in a fixed order: two runs give the same bits
+    x = torch.rand(4, 3, 64, 64, device=device) * 2 - 1
+    w = (0.05 * torch.randn(64, 192, device=device)).requires_grad_()
+    h = torch.randn(4, 64, 64, device=device, requires_grad=True)
+    w2 = (0.05 * torch.randn(192, 64, device=device)).requires_grad_()
+    dy = torch.randn(4, 64, 64, device=device)
+    dpix = torch.randn(4, 3, 1, 64, 64, device=device)
+
+    def grads():
+        (dw,) = torch.autograd.grad(tubelet_embed(x, w, None, 1, 8), (w,), dy)
+        (dw2,) = torch.autograd.grad(tubelet_unembed(h, w2, None, 1, 8, 1, 64, 64), (w2,), dpix)
+        return dw, dw2
+
+    first, second = grads(), grads()
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

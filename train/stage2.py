@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16
     python train/stage2.py --smoke --init runs/stage1-T-T_8        # tiny CPU run
 
-[paper] Section 2.3 (SPEC.md section 2): the encoder is frozen; the decoder trains on
+[paper] Section 2.3 (docs/design.md section 2): the encoder is frozen; the decoder trains on
 MSE + eta * LPIPS + lambda * GAN with a StyleGAN discriminator (lr 2e-5, 25k-step warm-up);
 batch 256 images / 128 videos, 100k steps; EMA of the weights with decay 0.9999, which is
 what ``<run>/step_*/ema`` holds and what the held-out PSNR and grids use.
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("stage 2")
     g.add_argument("--init", required=True, help="stage-1 checkpoint directory (or a stage-1 "
                    "run directory: its latest); the model (--model, --channels) is the one it holds")
-    g.add_argument("--gan-weight", type=float, default=0.05, help="lambda [ours: 0.05, see SPEC]")
+    g.add_argument("--gan-weight", type=float, default=0.05, help="lambda [ours: 0.05, see docs/design.md section 2]")
     g.add_argument("--disc-lr", type=float, default=2e-5, help="[paper] 2e-5")
     g.add_argument("--disc-warmup", type=int, default=25_000,
                    help="discriminator lr warm-up steps [paper: 25k]; the generator's GAN "

@@ -16,7 +16,7 @@ from vitok_fast.attention import BACKENDS as ATTENTION_BACKENDS
 from vitok_fast.kernels.rope import rope_split
 
 # [paper] Table 1: hidden size, blocks, heads. The SwiGLU hidden size 8d/3 is [ours],
-# derived from the table's parameter counts (SPEC.md section 1).
+# derived from the table's parameter counts (docs/design.md section 1).
 SIZES = {
     "S": dict(width=768, depth=6, heads=12, mlp_hidden=2048),
     "B": dict(width=768, depth=12, heads=12, mlp_hidden=2048),

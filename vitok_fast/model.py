@@ -1,7 +1,7 @@
 """ViTok: a Vision-Transformer image and video autoencoder built from Llama blocks.
 
-Reads top to bottom like the paper's Figure 1 (arXiv 2501.09755, Section 2; SPEC.md
-section 1): tubelet embed -> encoder blocks -> KL bottleneck -> linear "upsample" ->
+Reads top to bottom like the paper's Figure 1 (arXiv 2501.09755, Section 2;
+docs/design.md section 1): tubelet embed -> encoder blocks -> KL bottleneck -> linear "upsample" ->
 decoder blocks -> head + unpatchify.
 """
 

@@ -29,7 +29,7 @@ from vitok_fast.losses import psnr
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Arguments both stages take. Defaults are the paper's (SPEC.md section 2) for
+    """Arguments both stages take. Defaults are the paper's (docs/design.md section 2) for
     ViTok S-B/16 at 256p on the embedded photos; ``--smoke`` swaps in a CPU-sized run."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="S-B/16", help="paper-style name, e.g. S-B/16, S-L/16, S-B/4x8")
