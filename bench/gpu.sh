@@ -11,13 +11,13 @@
 # 2. runs, each under its own time cap (`timeout`) and all within GPU_SH_BUDGET seconds (default
 #    1500: 25 minutes; a step that would start with under 20 s left is skipped):
 #      python -m vitok_fast.selftest         -> selftest_<gpu>.json
+#      bench/roofline.py                      -> roofline_S-B_16.json (a model, not a measurement)
 #      pytest -m gpu                          (the CUDA-only tests)
 #      bench/bench_kernels.py                 -> kernels_<gpu>.json / .png
 #      bench/bench_attention.py               -> attention_<gpu>.json / .png
 #      bench/bench_e2e.py                     -> e2e_<gpu>.json / .png (saves after every case)
 #      bench/train_throughput.py, one variant a run (each saves)  -> train_<gpu>.json
 #      bench/profile_step.py                  -> profiles/
-#      bench/roofline.py                      -> roofline_S-B_16.json (a model, not a measurement)
 #    One failing step does not stop the others; its log is under <results>/gpu_logs/.
 # 3. writes <results>/gpu_summary.md: a table of the steps (status, seconds, log) and, where a
 #    GPU run's measurements exist, the roofline's predictions beside them.
@@ -108,6 +108,7 @@ if [ "$TINY" = 1 ]; then
     python_has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
     [ "$python_has_cuda" = 1 ] || export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
     step selftest 300 "$PY" -m vitok_fast.selftest --quick --json "$OUT/selftest_cpu.json"
+    step roofline 120 "$PY" bench/roofline.py --model S-B/16 --batch 2 --json "$OUT/roofline_S-B_16.json"
     # no CUDA-only test runs on a CPU: pytest exits 5 (nothing collected) or 0 (all skipped)
     step pytest_gpu 120 bash -c "'$PY' -m pytest tests/ -m gpu -q -p no:cacheprovider --benchmark-disable; rc=\$?; [ \$rc -eq 5 ] && exit 0; exit \$rc"
     step bench_kernels 120 "$PY" bench/bench_kernels.py --device cpu --ops rms_norm --out-dir "$OUT"
@@ -116,9 +117,10 @@ if [ "$TINY" = 1 ]; then
         --models T-T/8 --no-video --batches 1 --stages encode+decode
     skip train_throughput "needs CUDA: the script has no CPU mode"
     step profile_step 180 "$PY" bench/profile_step.py --tiny --device cpu --out-dir "$OUT/profiles"
-    step roofline 120 "$PY" bench/roofline.py --model S-B/16 --batch 2 --json "$OUT/roofline_S-B_16.json"
 else
     step selftest 300 "$PY" -m vitok_fast.selftest --json "$OUT/selftest_$GPU.json"
+    # the model's predictions (seconds, no GPU work) early, so the summary always has them
+    step roofline 60 "$PY" bench/roofline.py --model S-B/16 --json "$OUT/roofline_S-B_16.json"
     step pytest_gpu 240 "$PY" -m pytest tests/ -m gpu -q -p no:cacheprovider --benchmark-disable
     step bench_kernels 240 "$PY" bench/bench_kernels.py --out-dir "$OUT"
     step bench_attention 150 "$PY" bench/bench_attention.py --out-dir "$OUT"
@@ -129,7 +131,6 @@ else
             --out "$OUT/gpu_logs/train_$variant.json"
     done
     step profile_step 150 "$PY" bench/profile_step.py --out-dir "$OUT/profiles"
-    step roofline 60 "$PY" bench/roofline.py --model S-B/16 --json "$OUT/roofline_S-B_16.json"
 fi
 
 # -- 3. the summary ---------------------------------------------------------------------------

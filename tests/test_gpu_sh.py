@@ -28,8 +28,8 @@ def test_tiny_mode_runs_every_step_and_writes_results_and_summary(tmp_path):
     proc = _run(tmp_path, {}, timeout=1200)
     results = tmp_path / "results"
     steps = _steps(results)
-    assert list(steps) == ["selftest", "pytest_gpu", "bench_kernels", "bench_attention",
-                           "bench_e2e", "train_throughput", "profile_step", "roofline"]
+    assert list(steps) == ["selftest", "roofline", "pytest_gpu", "bench_kernels", "bench_attention",
+                           "bench_e2e", "train_throughput", "profile_step"]
     assert steps["train_throughput"] == "skipped"  # CUDA only, said so in the summary
     failed = [name for name, status in steps.items() if status not in ("ok", "skipped")]
     assert proc.returncode == len(failed), proc.stdout[-3000:]
@@ -61,3 +61,35 @@ def test_unknown_option_is_a_one_line_error():
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--fast"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown option --fast")
+
+
+def test_summary_puts_the_roofline_beside_measurements_and_merges_training(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "bench" / "gpu_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    res = tmp_path / "results"
+    (res / "gpu_logs").mkdir(parents=True)
+    (res / "gpu_logs" / "steps.tsv").write_text("bench_e2e\tok\t300\tgpu_logs/bench_e2e.log\n")
+    path = lambda s: {"flops": 1.0, "bytes": 1.0, "predicted_s": s, "ops": []}
+    (res / "roofline_S-B_16.json").write_text(json.dumps({
+        "model": "S-B/16", "resolution": 256, "anchors": {"peak_tflops": 989.4, "hbm_tbps": 3.35},
+        "paths": {"eager": {"encode_decode": path(1 / 2000), "train_step": path(1 / 800)},
+                  "fused": {"encode_decode": path(1 / 5000), "train_step": path(1 / 2500)},
+                  "sd_vae": {"encode_decode": path(1 / 600)}}}))
+    row = lambda model, batch, ips: {"model": model, "input": "256x256", "stage": "encode+decode",
+                                     "batch": batch, "status": "ok", "items_per_s": ips, "compile": True}
+    (res / "e2e_h100.json").write_text(json.dumps({"rows": [
+        row("S-B/16", 64, 3100.0), row("S-B/16", 128, 3300.0), row("SD-VAE", 64, 410.0)]}))
+    for variant, ips in (("compile_kernels", 1234.0), ("eager_reference", 456.0)):
+        (res / "gpu_logs" / f"train_{variant}.json").write_text(json.dumps(
+            {"gpu": "H100", "variants": {variant: {"images_per_s_per_gpu": ips}}}))
+    assert summary.main(["--results", str(res), "--gpu", "h100"]) == 0
+    text = (res / "gpu_summary.md").read_text()
+    assert "| S-B/16 encode+decode | 5000 | 3300 (batch 128, compiled) |" in text
+    assert "| SD-VAE encode+decode | 600 | 410 (batch 64, compiled) |" in text
+    assert "compile_kernels" in text and "| 2500 | 1234 |" in text and "| 800 | 456 |" in text
+    assert "not a measurement" in text
+    merged = json.loads((res / "train_h100.json").read_text())
+    assert set(merged["variants"]) == {"compile_kernels", "eager_reference"}
