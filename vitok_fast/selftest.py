@@ -53,7 +53,8 @@ from vitok_fast.interpret import interpret_without_cuda
 # 72) with the real patch sizes, so Triton's interpreter finishes in about a minute.
 OP_MODELS = ("S-B/16", "S-L/16", "S-B/4x8")
 # the whole-model checks: the real models on a GPU, the tiny T models under the interpreter
-MODEL_CASES = {False: (("S-B/16", (2, 1, 256, 256)), ("S-B/4x8", (1, 16, 128, 128))),
+MODEL_CASES = {False: (("S-B/16", (2, 1, 256, 256)), ("S-L/16", (1, 1, 256, 256)),
+                       ("S-B/4x8", (1, 16, 128, 128))),
                True: (("T-T/8", (2, 1, 32, 32)), ("T-T/2x8", (1, 4, 16, 16)))}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EPS = 1e-6
