@@ -730,6 +730,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
     failed = [c for c in checks if c.ok is False]
     skipped = [c for c in checks if c.ok is None]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("\n(kernel times above are Triton's CPU interpreter: they say nothing about a GPU)")
     print(f"\n{len(checks) - len(failed) - len(skipped)} ok, {len(failed)} FAIL, {len(skipped)} "
           f"skipped in {time.perf_counter() - t0:.0f} s")
     if args.json is not None:
