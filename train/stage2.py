@@ -137,6 +137,7 @@ def train(argv, stop: StopOnSignal) -> dict:
     loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
                          world=dist.world, start_batches=step * accum,
                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    stop.arm()  # from here a signal stops the run after the current step (workers inherit it)
     batches = iter(loader)
     noise = torch.Generator(device)
     logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="stage 2")

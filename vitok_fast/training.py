@@ -193,26 +193,34 @@ def tune_attention(model: nn.Module, args, device: torch.device, dtype: torch.dt
 
 
 class StopOnSignal:
-    """Preemption-safe training. Inside ``with StopOnSignal() as stop:`` SIGINT (Ctrl-C),
-    SIGTERM (kill, a scheduler's preemption) and SIGUSR1 (SLURM's warning before the time
-    limit) only set a flag; the loop finishes its step, saves a checkpoint through its usual
-    path and calls :meth:`exit`, which prints the command that resumes and exits with
-    128 + the signal's number: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1 (Linux).
+    """Preemption-safe training. Once :meth:`arm` has been called, SIGINT (Ctrl-C), SIGTERM
+    (kill, a scheduler's preemption) and SIGUSR1 (SLURM's warning before the time limit) only
+    set a flag; the loop finishes its step, saves a checkpoint through its usual path and
+    calls :meth:`exit`, which prints the command that resumes and exits with 128 + the
+    signal's number: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1 (Linux numbering).
     A second SIGINT exits at once (status 130) without saving: the last checkpoint stays.
 
-        with StopOnSignal() as stop:          # around the whole run: data-loader workers
-            ...                               # forked inside inherit the handlers
+        def main(argv=None):
+            with StopOnSignal() as stop:      # restores the previous handlers on the way out
+                return train(argv, stop)
+
+        def train(argv, stop):
+            ...set-up: process group, model, checkpoint...
+            stop.arm()                        # before the data-loader workers fork: they
+            batches = iter(loader)            # inherit the handlers and keep serving
             while step < max_steps:
                 ...one step...
                 if stop.agreed(device):       # every rank, every step
                     break
-            if stop.requested:
+            if stop.requested and step < max_steps:
                 save the checkpoint of ``step`` unless this step just saved one
                 stop.exit(step, checkpoint_dir, resume_command(...), main_rank)
 
-    Under torchrun a signal may reach one rank only, or reach ranks in different steps;
-    :meth:`agreed` all-reduces the flag (one 4-byte MAX per step) so that every rank stops
-    after the same step. Outside the main thread (no signal handlers there) it does nothing.
+    Before :meth:`arm` the signals keep their usual effect, so that a job stuck in set-up
+    (a rendezvous, a slow file system) still dies at once. Under torchrun a signal may reach
+    one rank only, or reach ranks in different steps; :meth:`agreed` all-reduces the flag
+    (one 4-byte MAX per step) so that every rank stops after the same step. Outside the main
+    thread (no signal handlers there) it does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -223,10 +231,13 @@ class StopOnSignal:
         self._previous = {}
 
     def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
+        return self
+
+    def arm(self) -> None:
+        """From now on a signal stops the run after the current step."""
+        if threading.current_thread() is threading.main_thread() and not self._previous:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
