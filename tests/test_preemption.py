@@ -48,7 +48,7 @@ def _one_thread():
 
 def _args(out, *extra, resume=""):
     return ["--smoke", "--no-kernels", "--num-workers", "0", "--lpips-weight", "0",
-            "--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "1000",
+            "--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "10000",
             "--out-dir", str(out), "--resume", resume, *map(str, extra)]
 
 
