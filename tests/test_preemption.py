@@ -10,6 +10,7 @@ the single-process ones start together to share their interpreter start-up.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from vitok_fast.checkpoint import CheckpointError
-from vitok_fast.training import truncate_metrics
+from vitok_fast.training import StopOnSignal, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # long enough that a signal sent after step 1 lands well before the end
@@ -275,27 +276,78 @@ def test_stage2_sigterm_saves_and_the_resume_is_bit_identical_ema_included(tmp_p
     assert _losses(run.out, "train/loss_d") == _losses(tmp_path / "full", "train/loss_d")
 
 
-def _torchrun(out, *launcher, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-           "2", *launcher, str(ROOT / "train" / "stage1.py"),
-           *_args(out, "--max-steps", 6, "--save-every", 2, "--device", "cpu", resume="auto")]
+def _torchrun(out, *launcher, steps=6, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc-per-node", "2", *launcher, str(ROOT / "train" / "stage1.py"),
+           *_args(out, "--max-steps", steps, "--save-every", 2, "--device", "cpu", resume="auto")]
     log = open(str(out) + ".log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**ENV, **(env or {})},
-                            cwd=ROOT)
+    # The shared rendezvous store hands restarted gloo ranks stale peer addresses (see
+    # docs/training.md); torchrun's own switch turns the sharing off.
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
-@pytest.mark.slow(reason="two torchrun jobs of 2 gloo ranks, one restarted (~1 min)")
-def test_rank_killed_under_torchrun_restarts_and_ends_with_the_same_weights(tmp_path):
-    full = _torchrun(tmp_path / "full", "--standalone")
+def _worker_pid(launcher_pid, rank):
+    """The pid of torchrun's worker of ``rank`` (from /proc: its RANK variable)."""
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+@pytest.mark.slow(reason="three torchrun jobs of 2 gloo ranks, one restarted (~1 min)")
+def test_torchrun_lost_rank_restarts_exactly_and_a_signal_to_one_rank_stops_both(tmp_path):
+    full = _torchrun(tmp_path / "full")
     # Rank 1 dies (SIGKILL) right after step 3; the checkpoint of step 2 is the newest.
-    cut = _torchrun(tmp_path / "cut", "--standalone", "--max-restarts", "1",
-                    env={"VITOK_FAULT_KILL": "step:3:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-    assert full.wait(timeout=600) == 0, (tmp_path / "full.log").read_text()[-3000:]
-    text = (str(tmp_path / "cut") + ".log")
-    assert cut.wait(timeout=600) == 0, Path(text).read_text()[-3000:]
-    text = Path(text).read_text()
+    cut = _torchrun(tmp_path / "cut", "--max-restarts", "1", env={"VITOK_FAULT_KILL": "step:3:1"})
+    # SIGTERM to rank 1 alone, as a scheduler might deliver it: rank 0 must stop too.
+    one = _torchrun(tmp_path / "one", steps=STEPS)
+    deadline = time.time() + 300
+    while time.time() < deadline and one.poll() is None:
+        if _losses_or_empty(tmp_path / "one") and (pid := _worker_pid(one.pid, 1)):
+            os.kill(pid, signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    for job, name in ((full, "full"), (cut, "cut"), (one, "one")):
+        job.wait(timeout=max(10, deadline - time.time()))
+    logs = {name: (tmp_path / f"{name}.log").read_text().replace("\r", "\n")
+            for name in ("full", "cut", "one")}
+    assert full.returncode == 0, logs["full"][-3000:]
+    assert cut.returncode == 0, logs["cut"][-3000:]
     assert (tmp_path / "cut" / ".fault-step-3-rank1").exists()  # the fault did happen
-    assert f"resumed from {tmp_path / 'cut' / 'step_00000002'} at step 2" in text
+    assert f"resumed from {tmp_path / 'cut' / 'step_00000002'} at step 2" in logs["cut"]
     assert _same_weights(tmp_path / "cut" / "step_00000006", tmp_path / "full" / "step_00000006")
     steps = [r["step"] for r in _rows(tmp_path / "cut") if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # step 3, logged before the kill, is not doubled
+
+    # Both ranks stopped after the same step k: the save is a collective, so a rank that went
+    # on would have left the other waiting (the hang this test caught once). Rank 1 exits
+    # 143; torchrun then sends rank 0, done and on its way out, a SIGTERM of its own.
+    (k,) = {int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", logs["one"])}
+    assert 1 <= k < STEPS and (tmp_path / "one" / f"step_{k:08d}").is_dir(), logs["one"][-3000:]
+    assert re.search(r"rank *: 1 .*\n *exitcode *: 143", logs["one"]), logs["one"][-3000:]
+    assert max(_losses(tmp_path / "one")) == k
+
+
+def _losses_or_empty(run):
+    try:
+        return _losses(run)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_stop_on_signal_sets_a_flag_only_while_armed_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopOnSignal() as stop:
+        assert signal.getsignal(signal.SIGUSR1) is before  # not armed: set-up dies as usual
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
+        assert stop.requested and not stop.stopped
+        assert stop.agreed(torch.device("cpu")) and stop.stopped
+        assert stop.exit_code == 138
+        with pytest.raises(SystemExit) as e:
+            stop.exit(3, "ckpt", "python train/x.py --resume ckpt")
+        assert e.value.code == 138
+    assert signal.getsignal(signal.SIGUSR1) is before

@@ -188,7 +188,7 @@ def train(argv, stop: StopOnSignal) -> dict:
         if stop.agreed(device):  # every rank stops after the same step
             break
 
-    if stop.requested and step < args.max_steps:  # a stop in the last step: the run is done
+    if stop.stopped and step < args.max_steps:  # a stop in the last step: the run is done
         if saved_at != step:
             checkpoint(step)
         logger.close()

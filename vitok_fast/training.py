@@ -212,7 +212,7 @@ class StopOnSignal:
                 ...one step...
                 if stop.agreed(device):       # every rank, every step
                     break
-            if stop.requested and step < max_steps:
+            if stop.stopped and step < max_steps:
                 save the checkpoint of ``step`` unless this step just saved one
                 stop.exit(step, checkpoint_dir, resume_command(...), main_rank)
 
@@ -226,7 +226,8 @@ class StopOnSignal:
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first signal this process got
+        self.stopped_by: int | None = None  # the signal every rank agreed to stop on
         self.interrupts = 0
         self._previous = {}
 
@@ -263,28 +264,37 @@ class StopOnSignal:
 
     @property
     def requested(self) -> bool:
+        """A signal reached this process (this rank only: see :meth:`agreed`)."""
         return self.signum is not None
 
     @property
+    def stopped(self) -> bool:
+        """:meth:`agreed` said stop: true on every rank after the same step."""
+        return self.stopped_by is not None
+
+    @property
     def exit_code(self) -> int:
-        return 128 + int(self.signum)
+        return 128 + int(self.stopped_by or self.signum)
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank has been signalled (a collective: every rank calls
-        it at the same point of each step). The exit code follows the largest signal number."""
+        """True on every rank if any rank had been signalled when it got here (a collective:
+        every rank calls it at the same point of each step). The flag is read once: a signal
+        that lands during the all-reduce counts at the next step, on every rank alike. The
+        exit code follows the largest signal number."""
         import torch.distributed as dist
 
+        signum = self.signum or 0
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([self.signum or 0], dtype=torch.int32, device=device)
+            flag = torch.tensor([signum], dtype=torch.int32, device=device)
             signum = int(D.all_max(flag).item())
-            if signum:
-                self.signum = signum
-        return self.requested
+        if signum:
+            self.stopped_by = signum
+        return bool(signum)
 
     def exit(self, step: int, checkpoint, command: str, main_rank: bool = True):
         """Say where the run stopped and how to continue it; exit with 128 + signal."""
         if main_rank:
-            print(f"stopped by {signal.Signals(self.signum).name} after step {step}: "
+            print(f"stopped by {signal.Signals(self.stopped_by).name} after step {step}: "
                   f"checkpoint {checkpoint}\nto resume: {command}", file=sys.stderr, flush=True)
         raise SystemExit(self.exit_code)
 
