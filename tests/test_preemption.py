@@ -117,6 +117,13 @@ def _signal_after_first_step(runs: dict, signals: dict, timeout=300):
         run.proc.wait(timeout=max(10, deadline - time.time()))
 
 
+def _kill_leftovers(runs: dict):
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Uninterrupted stage-1 run, checkpoints at steps 4, 8 and 12."""
@@ -138,10 +145,13 @@ def stopped(tmp_path_factory):
                                                        "--micro-batch-size", 8))
     runs["crash"] = Run("stage1", tmp / "crash", _args(tmp / "crash", "--save-every", 5),
                         env={"VITOK_FAULT_KILL": "save:10"})
-    _signal_after_first_step(runs, {"SIGINT": [signal.SIGINT], "SIGTERM": [signal.SIGTERM],
-                                    "SIGUSR1": [signal.SIGUSR1],
-                                    "twice": [signal.SIGINT, "SIGINT: finishing this step",
-                                              signal.SIGINT]})
+    try:
+        _signal_after_first_step(runs, {"SIGINT": [signal.SIGINT], "SIGTERM": [signal.SIGTERM],
+                                        "SIGUSR1": [signal.SIGUSR1],
+                                        "twice": [signal.SIGINT, "SIGINT: finishing this step",
+                                                  signal.SIGINT]})
+    finally:
+        _kill_leftovers(runs)
     return runs
 
 
@@ -263,7 +273,10 @@ def test_stage2_sigterm_saves_and_the_resume_is_bit_identical_ema_included(tmp_p
     args = lambda out, resume="": _args(out, "--init", tmp_path / "s1", "--save-every", 100,
                                         "--disc-warmup", 2, resume=resume)
     run = Run("stage2", tmp_path / "cut", args(tmp_path / "cut"))
-    _signal_after_first_step({"cut": run}, {"cut": [signal.SIGTERM]})
+    try:
+        _signal_after_first_step({"cut": run}, {"cut": [signal.SIGTERM]})
+    finally:
+        _kill_leftovers({"cut": run})
     assert run.proc.returncode == 143, run.output()[-2000:]
     (saved,) = run.out.glob("step_*")
     assert "stopped by SIGTERM" in run.output() and int(saved.name[5:]) < STEPS
@@ -304,13 +317,19 @@ def test_torchrun_lost_rank_restarts_exactly_and_a_signal_to_one_rank_stops_both
     # SIGTERM to rank 1 alone, as a scheduler might deliver it: rank 0 must stop too.
     one = _torchrun(tmp_path / "one", steps=STEPS)
     deadline = time.time() + 300
-    while time.time() < deadline and one.poll() is None:
-        if _losses_or_empty(tmp_path / "one") and (pid := _worker_pid(one.pid, 1)):
-            os.kill(pid, signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    for job, name in ((full, "full"), (cut, "cut"), (one, "one")):
-        job.wait(timeout=max(10, deadline - time.time()))
+    try:
+        while time.time() < deadline and one.poll() is None:
+            if _losses_or_empty(tmp_path / "one") and (pid := _worker_pid(one.pid, 1)):
+                os.kill(pid, signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        for job in (full, cut, one):
+            job.wait(timeout=max(10, deadline - time.time()))
+    finally:  # a hung job: torchrun forwards SIGTERM, then SIGKILLs its workers after 30 s
+        for job in (full, cut, one):
+            if job.poll() is None:
+                job.terminate()
+                job.wait(timeout=60)
     logs = {name: (tmp_path / f"{name}.log").read_text().replace("\r", "\n")
             for name in ("full", "cut", "one")}
     assert full.returncode == 0, logs["full"][-3000:]
