@@ -370,3 +370,21 @@ def test_stop_on_signal_sets_a_flag_only_while_armed_and_restores_the_handlers()
             stop.exit(3, "ckpt", "python train/x.py --resume ckpt")
         assert e.value.code == 138
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_resume_auto_with_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
+    from vitok_fast import ViTok
+    from vitok_fast.checkpoint import load_resume, save_checkpoint
+
+    model = ViTok.from_name("T-T/8", use_kernels=False)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, {"step": step})
+    _truncate(tmp_path / "step_00000002" / "train_state.pt")
+    logged = []
+    path, state = load_resume("auto", tmp_path, log=logged.append)
+    assert path.name == "step_00000001" and state["step"] == 1
+    assert len(logged) == 2 and "step_00000002/train_state.pt does not read" in logged[0]
+    (tmp_path / "step_00000001" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* reads .*--resume ''"):
+        load_resume("auto", tmp_path, log=logged.append)
+    assert load_resume("", tmp_path) == (None, None)
