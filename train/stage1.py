@@ -60,8 +60,7 @@ def train(argv, stop: StopOnSignal) -> dict:
     val_batch = val_batch.to(device) if val_batch is not None else None
     config = ViTokConfig.from_name(args.model, channels=args.channels,
                                    use_kernels=not args.no_kernels)
-    resume_from, state = load_resume(args.resume, out_dir,
-                                     log=lambda m: main_rank and print(m, file=sys.stderr))
+    resume_from, state = load_resume(args.resume, out_dir, verbose=main_rank)
 
     # -- model, optimizer, schedule; a resumed run reloads all of them -----------------------
     model = ViTok(config).to(device)
@@ -194,8 +193,7 @@ def train(argv, stop: StopOnSignal) -> dict:
         logger.close()
         D.cleanup()
         stop.exit(step, out_dir / step_dir_name(step),
-                  resume_command(__file__, sys.argv[1:] if argv is None else argv,
-                                 out_dir / step_dir_name(step)), main_rank)
+                  resume_command(__file__, argv, out_dir / step_dir_name(step)), main_rank)
     n_skipped = skipped()
     if main_rank and n_skipped:
         logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")

@@ -93,8 +93,7 @@ def train(argv, stop: StopOnSignal) -> dict:
                              frame_stride=args.frame_stride, train=True, seed=args.seed)
     val_batch = heldout_batch(args, args.val_images)
     val_batch = val_batch.to(device) if val_batch is not None else None
-    resume_from, state = load_resume(args.resume, out_dir,
-                                     log=lambda m: main_rank and print(m, file=sys.stderr))
+    resume_from, state = load_resume(args.resume, out_dir, verbose=main_rank)
 
     # -- the stage-1 model with a frozen encoder, a discriminator, the EMA -------------------
     model = ViTok.from_pretrained(resume_from or init, device=device,
@@ -261,8 +260,7 @@ def train(argv, stop: StopOnSignal) -> dict:
         logger.close()
         D.cleanup()
         stop.exit(step, out_dir / step_dir_name(step),
-                  resume_command(__file__, sys.argv[1:] if argv is None else argv,
-                                 out_dir / step_dir_name(step)), main_rank)
+                  resume_command(__file__, argv, out_dir / step_dir_name(step)), main_rank)
     n_skipped = skipped()
     if main_rank and n_skipped:
         logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -191,12 +192,18 @@ def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
                   if (m := _STEP_DIR.match(p.name)) and p.is_dir())
 
 
-def load_resume(spec: str | None, run_dir, log=print) -> tuple[Path | None, dict | None]:
+def load_resume(spec: str | None, run_dir, verbose: bool = True,
+                log=None) -> tuple[Path | None, dict | None]:
     """``--resume`` with every file checked: ``(checkpoint, train state)``, or ``(None,
     None)`` for a fresh start. ``auto`` takes the newest checkpoint in ``run_dir`` that
     reads, and logs each one it passes over and which it used; a named checkpoint (or run
     directory: its newest) that does not read raises :class:`CheckpointError` naming the
-    file, since falling back there would silently train from another step."""
+    file, since falling back there would silently train from another step. Messages go to
+    ``log`` (default: stderr), only if ``verbose`` (rank 0)."""
+    if log is None:
+        log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if not verbose:
+        log = lambda message: None  # noqa: E731
     if not spec:
         return None, None
     if spec != "auto":

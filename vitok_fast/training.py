@@ -214,7 +214,7 @@ class StopOnSignal:
                     break
             if stop.stopped and step < max_steps:
                 save the checkpoint of ``step`` unless this step just saved one
-                stop.exit(step, checkpoint_dir, resume_command(...), main_rank)
+                stop.exit(step, ckpt_dir, resume_command(__file__, argv, ckpt_dir), main_rank)
 
     Before :meth:`arm` the signals keep their usual effect, so that a job stuck in set-up
     (a rendezvous, a slow file system) still dies at once. Under torchrun a signal may reach
@@ -299,11 +299,12 @@ class StopOnSignal:
         raise SystemExit(self.exit_code)
 
 
-def resume_command(script, argv: list[str], checkpoint) -> str:
+def resume_command(script, argv: list[str] | None, checkpoint) -> str:
     """The command line that continues this run from ``checkpoint``: the same arguments
-    with ``--resume`` set, under the same torchrun layout if launched by torchrun."""
+    (``argv``, default the command line's) with ``--resume`` set, under the same torchrun
+    layout if launched by torchrun."""
     args, skip = [], False
-    for a in argv:
+    for a in sys.argv[1:] if argv is None else argv:
         if skip:
             skip = False
         elif a == "--resume":
