@@ -1,6 +1,6 @@
 """What train/stage1.py and train/stage2.py share: arguments, optimizer and schedule, the
-non-finite guard, EMA, throughput and MFU, held-out evaluation, logging. The loops
-themselves stay in the scripts, where a reader can see them.
+non-finite guard, EMA, throughput and MFU, held-out evaluation, logging, stopping on a
+signal. The loops themselves stay in the scripts, where a reader can see them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from vitok_fast import attention, cli
+from vitok_fast import distributed as D
 from vitok_fast.config import ViTokConfig
 from vitok_fast.fileio import atomic_write
 from vitok_fast.losses import psnr
@@ -220,6 +224,144 @@ def tune_attention(model: nn.Module, args, device: torch.device, dtype: torch.dt
         choices = attention.tune(model, x)
     if main_rank:
         print(f"attention backends: {({k: v['backend'] for k, v in choices.items()})}")
+
+
+# -- stopping on a signal -----------------------------------------------------------------
+
+
+class StopOnSignal:
+    """Preemption-safe training. Once :meth:`arm` has been called, SIGINT (Ctrl-C), SIGTERM
+    (kill, a scheduler's preemption) and SIGUSR1 (SLURM's warning before the time limit) only
+    set a flag; the loop finishes its step, saves a checkpoint through its usual path and
+    calls :meth:`exit`, which prints the command that resumes and exits with 128 + the
+    signal's number: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1 (Linux numbering).
+    A second SIGINT exits at once (status 130) without saving: the last checkpoint stays.
+
+        def main(argv=None):
+            with StopOnSignal() as stop:      # restores the previous handlers on the way out
+                return train(argv, stop)
+
+        def train(argv, stop):
+            ...set-up: process group, model, checkpoint...
+            stop.arm()                        # before the data-loader workers fork: they
+            batches = iter(loader)            # inherit the handlers and keep serving
+            while step < max_steps:
+                ...one step...
+                if stop.agreed(device):       # every rank, every step
+                    break
+            if stop.stopped and step < max_steps:
+                save the checkpoint of ``step`` unless this step just saved one
+                stop.exit(step, ckpt_dir, resume_command(__file__, argv, ckpt_dir), main_rank)
+
+    Before :meth:`arm` the signals keep their usual effect, so that a job stuck in set-up
+    (a rendezvous, a slow file system) still dies at once. Under torchrun a signal may reach
+    one rank only, or reach ranks in different steps; :meth:`agreed` all-reduces the flag
+    (one 4-byte MAX per step) so that every rank stops after the same step. Outside the main
+    thread (no signal handlers there) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum: int | None = None  # the first signal this process got
+        self.stopped_by: int | None = None  # the signal every rank agreed to stop on
+        self.interrupts = 0
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        return self
+
+    def arm(self) -> None:
+        """From now on a signal stops the run after the current step."""
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        # os.write, not print: the handler may interrupt a print on the same stream, and a
+        # buffered stream refuses to be re-entered.
+        loud = os.environ.get("RANK", "0") == "0"
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                if loud:
+                    os.write(2, b"\nsecond SIGINT: exiting now, without a checkpoint (the last "
+                                b"saved one stays)\n")
+                os._exit(128 + signal.SIGINT)
+        if self.signum is None:
+            self.signum = signum
+            if loud:
+                os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving "
+                            f"a checkpoint (Ctrl-C again to exit at once)\n".encode())
+
+    @property
+    def requested(self) -> bool:
+        """A signal reached this process (this rank only: see :meth:`agreed`)."""
+        return self.signum is not None
+
+    @property
+    def stopped(self) -> bool:
+        """:meth:`agreed` said stop: true on every rank after the same step."""
+        return self.stopped_by is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.stopped_by or self.signum)
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank had been signalled when it got here (a collective:
+        every rank calls it at the same point of each step). The flag is read once: a signal
+        that lands during the all-reduce counts at the next step, on every rank alike. The
+        exit code follows the largest signal number."""
+        import torch.distributed as dist
+
+        signum = self.signum or 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([signum], dtype=torch.int32, device=device)
+            signum = int(D.all_max(flag).item())
+        if signum:
+            self.stopped_by = signum
+        return bool(signum)
+
+    def exit(self, step: int, checkpoint, command: str, main_rank: bool = True):
+        """Say where the run stopped and how to continue it; exit with 128 + signal."""
+        if main_rank:
+            print(f"stopped by {signal.Signals(self.stopped_by).name} after step {step}: "
+                  f"checkpoint {checkpoint}\nto resume: {command}", file=sys.stderr, flush=True)
+        raise SystemExit(self.exit_code)
+
+
+def resume_command(script, argv: list[str] | None, checkpoint) -> str:
+    """The command line that continues this run from ``checkpoint``: the same arguments
+    (``argv``, default the command line's) with ``--resume`` set, under the same torchrun
+    layout if launched by torchrun."""
+    args, skip = [], False
+    for a in sys.argv[1:] if argv is None else argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    script = Path(script)
+    try:
+        script = script.resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    tail = shlex.join([str(script), *args, "--resume", str(checkpoint)])
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if per_node is None:
+        return f"python {tail}"
+    nodes = int(os.environ.get("WORLD_SIZE", per_node)) // int(per_node)
+    if nodes == 1:
+        return f"torchrun --standalone --nproc-per-node {per_node} {tail}"
+    return (f"torchrun --nnodes {nodes} --nproc-per-node {per_node} <your --rdzv-* options> "
+            f"{tail}   (on every node)")
 
 
 # -- optimizer and schedule -----------------------------------------------------------------
@@ -460,9 +602,36 @@ def save_grid(path, inputs: torch.Tensor, recon: torch.Tensor) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` at steps <= ``step`` (none for ``step`` 0, a fresh
+    start), rewriting it atomically; a torn last line is dropped too. Returns the rows
+    dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        if step and row_step is not None and row_step <= step:
+            keep.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(keep)))
+    return dropped
+
+
 class RunLogger:
     """Rank 0's view of a run: a tqdm bar, TensorBoard scalars, ``metrics.jsonl`` (one line
-    per logged step) and ``loss.png``. Other ranks get a logger that does nothing."""
+    per logged step) and ``loss.png``. Other ranks get a logger that does nothing.
+
+    A run resumed at step ``start`` continues the log of the checkpoint it resumed: rows
+    logged after that step (by the run that went on past its last checkpoint before it
+    died) are dropped from ``metrics.jsonl``, atomically, and TensorBoard is told to purge
+    them (``purge_step``); the resumed run logs those steps again. A fresh start
+    (``start`` 0) begins both logs empty."""
 
     def __init__(self, out_dir, active: bool, start: int, total: int, desc: str):
         self.active, self.out_dir = active, Path(out_dir)
@@ -473,10 +642,16 @@ class RunLogger:
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+        dropped = truncate_metrics(self.out_dir / "metrics.jsonl", start)
+        if dropped:
+            self.print(f"metrics.jsonl: dropped {dropped} row(s) logged after step {start}, "
+                       f"the step this run continues from")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=start)
+            # Events at steps >= purge_step written before are hidden from TensorBoard.
+            self.writer = SummaryWriter(str(self.out_dir / "tb"),
+                                        purge_step=start + 1 if start else 0)
         except ImportError:
             self.print("tensorboard is not installed: scalars go to metrics.jsonl only "
                        "(pip install tensorboard)")
