@@ -170,18 +170,21 @@ def _missing_weight(what: str, file: str, given, flag: str) -> FileNotFoundError
         f"or leave the metric out with --metrics.")
 
 
-def load_inception(path: str | os.PathLike | None, device="cpu") -> nn.Module:
+def load_inception(path: str | os.PathLike | None, device="cpu",
+                   features: tuple[str, ...] = ("2048",)) -> nn.Module:
     """torch-fidelity's FID Inception-v3 (2048-d pool features) from a weights file.
 
     The expected file is torch-fidelity's conversion of the TF FID Inception,
     ``weights-inception-2015-12-05-6726825d.pth`` (github.com/toshas/torch-fidelity
-    releases v0.2.0). The module takes uint8 (B, 3, H, W) images of any size.
+    releases v0.2.0). The module takes uint8 (B, 3, H, W) images of any size and returns
+    one tensor per name in ``features`` ("2048": pool features for FID; "logits_unbiased":
+    the 1008 logits the Inception Score uses).
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if path is None or not Path(path).is_file():
         raise _missing_weight("FID", INCEPTION_FILE, path, "--inception")
-    model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+    model = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                         feature_extractor_weights_path=str(path))
     return model.to(device)
 
