@@ -175,7 +175,7 @@ def test_generation_digits_short_run_beats_chance_by_far():
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    record = generation_digits.run_check(0, vitok_steps=200, dit_steps=400, per_class=10,
+    record = generation_digits.run_check(0, vitok_steps=300, dit_steps=1500, per_class=10,
                                          sampling_steps=20)
     assert set(record) == set(generation_digits.KEYS)
     assert record["accuracy_conditional"] >= 0.6  # chance is 0.10
