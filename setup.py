@@ -16,6 +16,10 @@ EXTRAS = {
     # bench_e2e.py and profile_step.py also run LPIPS and show progress.
     "bench": ["diffusers>=0.27", "pytest-benchmark>=4.0", "nvtx>=0.2.10", "matplotlib>=3.8",
               "tqdm>=4.66", "lpips>=0.1.4"],
+    # Hub ids in ViTok.from_pretrained and push_to_hub; vitok_fast.diffusers.AutoencoderViTok.
+    # Both optional: `import vitok_fast` imports neither.
+    "hub": ["huggingface_hub>=0.23"],
+    "diffusers": ["diffusers>=0.27", "huggingface_hub>=0.23"],
 }
 EXTRAS["dev"] = sorted({dep for deps in EXTRAS.values() for dep in deps} | {"pytest>=8"})
 

@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import platform
 import re
 import statistics
@@ -48,16 +47,11 @@ import sys
 import time
 from pathlib import Path
 
-if not os.environ.get("TRITON_INTERPRET"):
-    try:
-        import torch as _t
-        if not _t.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # our kernels on the CPU: before triton loads
-    except ImportError:
-        pass
+from vitok_fast.interpret import interpret_without_cuda
+
+interpret_without_cuda()  # our kernels on the CPU: before triton loads
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout too
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -67,7 +61,7 @@ from vitok_fast.config import ViTokConfig  # noqa: E402
 from vitok_fast.fileio import atomic_write  # noqa: E402
 from vitok_fast.flops import SD_VAE_CONFIG, count_sd_vae, count_vitok  # noqa: E402
 from vitok_fast.model import ViTok  # noqa: E402
-from vitok_fast.training import git_commit  # noqa: E402
+from vitok_fast.benchmarking import git_commit  # noqa: E402
 
 STAGES = ("encode", "decode", "encode+decode")
 SD_VAE = "SD-VAE"

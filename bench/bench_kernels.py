@@ -25,20 +25,15 @@ import re
 import sys
 from pathlib import Path
 
-if not os.environ.get("TRITON_INTERPRET"):
-    try:
-        import torch as _t
-        if not _t.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-    except ImportError:
-        pass
+from vitok_fast.interpret import interpret_without_cuda
+
+interpret_without_cuda()  # before triton is imported
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from vitok_fast.kernel_bench import cases, measure_peak_bandwidth, time_call  # noqa: E402
-from vitok_fast.training import git_commit  # noqa: E402
+from vitok_fast.benchmarking import cases, git_commit, measure_peak_bandwidth, time_call  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +60,9 @@ def run(device: torch.device, dtype: torch.dtype, ops, impls, out_dir: Path, plo
         try:
             if device.type == "cuda":
                 torch.cuda.nvtx.range_push(case.nvtx)
-            seconds = time_call(case.fn, device)
+            run_case = case.make()  # its inputs exist only while it is measured
+            seconds = time_call(run_case, device)
+            del run_case
         except Exception as e:  # noqa: BLE001 - a library failing must not end the run
             entry["error"] = f"{type(e).__name__}: {e}"[:300]
         else:

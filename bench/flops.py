@@ -18,12 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+import torch
 
-import torch  # noqa: E402
-
-from vitok_fast.config import ViTokConfig  # noqa: E402
-from vitok_fast.flops import compare  # noqa: E402
+from vitok_fast.config import ViTokConfig
+from vitok_fast.flops import compare
 
 # The rows of the paper's tables: (model, resolution, frames).
 ALL_ROWS = (

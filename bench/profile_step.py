@@ -31,23 +31,16 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import platform
 import re
 import shutil
-import sys
 from pathlib import Path
 
-if not os.environ.get("TRITON_INTERPRET"):
-    try:
-        import torch as _t
-        if not _t.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # our kernels on the CPU: before triton loads
-    except ImportError:
-        pass
+from vitok_fast.interpret import interpret_without_cuda
+
+interpret_without_cuda()  # our kernels on the CPU: before triton loads
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout too
 
 import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
@@ -57,7 +50,8 @@ from vitok_fast.fileio import atomic_write  # noqa: E402
 from vitok_fast.losses import reconstruction_loss  # noqa: E402
 from vitok_fast.model import ViTok  # noqa: E402
 from vitok_fast.profiling import enable_ranges, ranges_enabled  # noqa: E402
-from vitok_fast.training import build_optimizer, clip_grad_norm, git_commit  # noqa: E402
+from vitok_fast.benchmarking import git_commit  # noqa: E402
+from vitok_fast.training import build_optimizer, clip_grad_norm  # noqa: E402
 
 # The spans vitok_fast/model.py opens (vitok_fast.profiling.span).
 MODEL_RANGES = ("embed", "attention", "mlp", "bottleneck", "head")

@@ -9,7 +9,7 @@ Each variant is a separate ``train/stage1.py`` process (fresh compile caches, fr
 with ``--bench-out``: the median images/s over logging windows after the first (warm-up and
 compilation). LPIPS runs with a random VGG backbone (``--lpips-vgg random``): the same FLOPs
 as the real one, no weights file needed. MFU counts the ViTok model only (6 x MACs per
-image, SPEC.md's counting); LPIPS is overhead it does not credit.
+image, docs/design.md's counting); LPIPS is overhead it does not credit.
 Target [issue 5]: >= 1000 images/s per H100 (the paper's run implies ~590).
 """
 
@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from vitok_fast.benchmarking import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -64,7 +66,7 @@ def main():
                    "--global-batch-size", str(args.micro_batch_size * args.accum),
                    "--max-steps", str(args.steps), "--log-every", "5",
                    "--save-every", str(10**9), "--eval-every", str(10**9), "--val-images", "2",
-                   "--lpips-vgg", "random", "--num-workers", str(args.num_workers), "--resume", "", "--out-dir", f"{tmp}/{name}",
+                   "--lpips-vgg", "random", "--data", "embedded", "--num-workers", str(args.num_workers), "--resume", "", "--out-dir", f"{tmp}/{name}",
                    "--bench-out", str(record), *VARIANTS[name]]
             print(f"== {name}: {' '.join(cmd)}", flush=True)
             run = subprocess.run(cmd, cwd=ROOT)
@@ -77,8 +79,8 @@ def main():
             print(f"   {r['images_per_s_per_gpu']:.0f} images/s per GPU, MFU {mfu}, "
                   f"peak memory {r['peak_memory_gib']:.1f} GiB", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "target_images_per_s": 1000, "variants": results},
-                              indent=2) + "\n")
+    out.write_text(json.dumps({"gpu": gpu, "commit": git_commit(), "target_images_per_s": 1000,
+                               "variants": results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

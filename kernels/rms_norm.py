@@ -1,4 +1,4 @@
-"""RMSNorm (SPEC.md section 4): ``F.rms_norm(x, (d,), weight, eps)``, statistics in fp32.
+"""RMSNorm (docs/design.md section 4): ``F.rms_norm(x, (d,), weight, eps)``, statistics in fp32.
 
 Forward: one program normalises a tile of whole rows (the row is the reduction, so a row
 never spans programs), keeps ``1/rms`` per row for the backward. The fused residual variant
@@ -16,9 +16,8 @@ device and the shape, so the result is bit-for-bit reproducible run to run.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .utils import as_rows, check_device, num_programs, rows_per_program
 
 

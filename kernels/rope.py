@@ -1,4 +1,4 @@
-"""3D rotary position embedding (SPEC.md section 4).
+"""3D rotary position embedding (docs/design.md section 4).
 
 A head vector of size D has P = D/2 rotary pairs in the "rotate-half" layout: pair j rotates
 ``(x[j], x[j+P])`` by angle a_j. The pairs are cut into three contiguous segments for the
@@ -17,9 +17,8 @@ dq and dk in one launch.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .utils import check_device, interpreted
 
 

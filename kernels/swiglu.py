@@ -1,4 +1,4 @@
-"""SwiGLU gate (SPEC.md section 4): ``silu(gate) * up``.
+"""SwiGLU gate (docs/design.md section 4): ``silu(gate) * up``.
 
 The model's MLP computes gate and up with one GEMM (``w13``) into a packed ``(..., 2h)``
 tensor; :func:`swiglu_packed` reads that tensor directly (gate = first half, up = second
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .utils import as_rows, check_device, interpreted
 
 

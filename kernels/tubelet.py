@@ -1,6 +1,6 @@
 """Tubelet embed and unembed: the encoder's first Linear and the decoder's head.
 
-SPEC.md section 4: the embed is ``patchify(x) @ W.T + b`` and the head is
+docs/design.md section 4: the embed is ``patchify(x) @ W.T + b`` and the head is
 ``unpatchify(h @ W.T + b)``, with patchify
 ``rearrange(x, "b c (t q) (h p1) (w p2) -> b (t h w) (q p1 p2 c)")``. Images ``(B, 3, H, W)``
 are videos with T = 1 and q = 1.
@@ -18,6 +18,15 @@ plain strided matrix the offset vectors are ``arange * stride``. The vectors are
 (tokens + features integers) next to the tensors they index.
 Every pixel belongs to exactly one tubelet, so the scatters write each pixel once: no
 atomics, no zero-fill. The bias gradients are plain reductions in torch.
+
+The weight gradients reduce over every token (M = batch x tokens, thousands to a quarter
+million) into a small (d, K) matrix: tiled 128 x 128 that is only (d/128)(K/128) programs
+(36 for S/B models) on a GPU with 132 SMs. So their token reduction is split (split-K):
+:func:`weight_grad_grid` picks, from the shapes and the SM count alone, how many slices the
+tokens are cut into so that the grid has at least two programs per SM; each program sums
+its slice into its own fp32 ``(d, K)`` slab of a partial buffer, and ``torch.sum`` over the
+slabs finishes it. No atomics, and the split depends only on the shapes and the device, so
+the result is bit-for-bit reproducible run to run (as rms_norm's partial buffer).
 """
 
 from __future__ import annotations
@@ -26,11 +35,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from einops import rearrange
 
-from .utils import autocast_inputs, check_device, interpreted
+from ._triton import tl, triton
+from .utils import _sm_count, autocast_inputs, check_device, interpreted
 
 
 def _as_video(x: torch.Tensor) -> torch.Tensor:
@@ -78,16 +86,22 @@ def _tile_offsets(ROW, COL, s0, s1, r, c, n_r, n_c, GATHER: tl.constexpr):
 
 @triton.jit
 def _offset_gemm(A, A_ROW, A_COL, sa0, sa1, B, B_ROW, B_COL, sb0, sb1,
-                 C, C_ROW, C_COL, sc0, sc1, BIAS, M, N, K,
+                 C, C_ROW, C_COL, sc0, sc1, BIAS, M, N, K, K_CHUNK, sc_split,
                  A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, C_SCATTER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``C[m, n] = sum_k A[m, k] B[k, n] (+ bias[n])`` with fp32 accumulation; each operand
-    is strided or, for the pixel tensor, addressed through (row, col) offset vectors."""
+    is strided or, for the pixel tensor, addressed through (row, col) offset vectors.
+
+    Split-K: program (i, j, s) sums k in ``[s K_CHUNK, (s + 1) K_CHUNK)`` (K_CHUNK a multiple
+    of BLOCK_K, so a tile never straddles two slices) into slab s of C, ``sc_split``
+    elements apart; one slice (K_CHUNK >= K, grid axis 2 of size 1) is the plain GEMM."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(2) * K_CHUNK
+    C += tl.program_id(2).to(tl.int64) * sc_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(A + _tile_offsets(A_ROW, A_COL, sa0, sa1, rm, rk, M, K, A_GATHER),
                     mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
@@ -148,22 +162,89 @@ def _pixel_offsets(x: torch.Tensor, q: int, p: int):
     return rows, cols
 
 
-def _gemm(a: _Operand, b: _Operand, c: _Operand, M: int, N: int, K: int, bias=None):
-    """``c = a @ b (+ bias)``: (M, K) @ (K, N) -> (M, N)."""
+class GemmGrid(NamedTuple):
+    """A GEMM launch: tile sizes, tiles along the output's rows and columns, and the split of
+    the reduction (``splits`` slices of ``chunk`` indices). ``programs`` is the grid size."""
+    block_m: int
+    block_n: int
+    block_k: int
+    tiles_m: int
+    tiles_n: int
+    splits: int
+    chunk: int
+
+    @property
+    def programs(self) -> int:
+        return self.tiles_m * self.tiles_n * self.splits
+
+
+def _blocks(interpreted: bool, ieee: bool):
+    if interpreted:  # few large programs (see utils.py)
+        return 64, 64, 64
+    return 128, 128, (32 if ieee else 64)
+
+
+def gemm_grid(M: int, N: int, K: int, *, min_programs: int = 1, interpreted: bool = False,
+              ieee: bool = False) -> GemmGrid:
+    """The launch of an (M, K) @ (K, N) GEMM: 128 x 128 tiles on a GPU (64 in the
+    interpreter), and the reduction split into enough slices that the grid has at least
+    ``min_programs`` programs, while every slice keeps at least one BLOCK_K step. Pure:
+    depends on its arguments only (hence deterministic run to run)."""
+    bm, bn, bk = _blocks(interpreted, ieee)
+    tiles_m, tiles_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    k_blocks = max(1, triton.cdiv(K, bk))
+    want = max(1, triton.cdiv(min_programs, tiles_m * tiles_n))
+    # slices of a whole number of BLOCK_K steps, floor-divided so there are >= `want`
+    chunk_blocks = max(1, k_blocks // want)
+    splits = triton.cdiv(k_blocks, chunk_blocks)
+    return GemmGrid(bm, bn, bk, tiles_m, tiles_n, splits, chunk_blocks * bk)
+
+
+def weight_grad_grid(out_rows: int, out_cols: int, tokens: int, *, sm_count: int,
+                     interpreted: bool = False, ieee: bool = False) -> GemmGrid:
+    """The launch of a tubelet weight gradient ``(out_rows, out_cols) = sum over tokens``: at
+    least two programs per SM (four programs in the interpreter, where each costs Python
+    time). E.g. S-B/16's embed dW (768 x 768) at batch 8 (2048 tokens) on a 132-SM H100:
+    36 tiles x 8 slices = 288 programs."""
+    target = 4 if interpreted else 2 * sm_count
+    return gemm_grid(out_rows, out_cols, tokens, min_programs=target, interpreted=interpreted,
+                     ieee=ieee)
+
+
+def _launch(a: _Operand, b: _Operand, c: _Operand, M: int, N: int, K: int, grid: GemmGrid,
+            bias=None, sc_split: int = 0):
     interp = interpreted(c.tensor)
     ieee = interp or a.tensor.dtype == torch.float32
-    if interp:  # few large programs (see utils.py)
-        bm, bn, bk, warps, stages = 64, 64, 64, 4, 1
-    else:
-        bm, bn, bk, warps, stages = 128, 128, (32 if ieee else 64), 8, 3
+    warps, stages = (4, 1) if interp else (8, 3)
+    _offset_gemm[(grid.tiles_m, grid.tiles_n, grid.splits)](
+        *a[:5], *b[:5], *c[:5], bias if bias is not None else c.tensor, M, N, K, grid.chunk,
+        sc_split, A_GATHER=a.gather, B_GATHER=b.gather, C_SCATTER=c.gather,
+        HAS_BIAS=bias is not None, UPCAST=interp, IEEE=ieee, BLOCK_M=grid.block_m,
+        BLOCK_N=grid.block_n, BLOCK_K=grid.block_k, num_warps=warps, num_stages=stages)
+
+
+def _gemm(a: _Operand, b: _Operand, c: _Operand, M: int, N: int, K: int, bias=None):
+    """``c = a @ b (+ bias)``: (M, K) @ (K, N) -> (M, N), one program per output tile."""
+    interp = interpreted(c.tensor)
     if M and N:
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-        _offset_gemm[grid](*a[:5], *b[:5], *c[:5], bias if bias is not None else c.tensor, M, N, K,
-                           A_GATHER=a.gather, B_GATHER=b.gather, C_SCATTER=c.gather,
-                           HAS_BIAS=bias is not None, UPCAST=interp, IEEE=ieee,
-                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                           num_stages=stages)
+        grid = gemm_grid(M, N, K, interpreted=interp, ieee=interp or a.tensor.dtype == torch.float32)
+        _launch(a, b, c, M, N, K, grid._replace(splits=1, chunk=max(K, 1)), bias)
     return c.tensor
+
+
+def _weight_grad(a: _Operand, b: _Operand, dw: torch.Tensor, M: int, N: int, K: int):
+    """``dw = a @ b`` for a weight gradient, (M, K) @ (K, N) with K the (long) token axis:
+    split-K into fp32 slabs, summed in a fixed order (see the module docstring)."""
+    interp = interpreted(dw)
+    ieee = interp or a.tensor.dtype == torch.float32
+    sms = 0 if interp else _sm_count(dw.device.index if dw.device.index is not None
+                                     else torch.cuda.current_device())
+    grid = weight_grad_grid(M, N, K, sm_count=sms, interpreted=interp, ieee=ieee)
+    if grid.splits == 1:
+        return _gemm(a, b, _strided(dw), M, N, K)
+    partial = torch.empty((grid.splits, M, N), dtype=torch.float32, device=dw.device)
+    _launch(a, b, _strided(partial[0]), M, N, K, grid, sc_split=partial.stride(0))
+    return torch.sum(partial, 0, out=dw) if dw.dtype == torch.float32 else dw.copy_(partial.sum(0))
 
 
 class TubeletEmbedFunction(torch.autograd.Function):
@@ -193,7 +274,7 @@ class TubeletEmbedFunction(torch.autograd.Function):
             dx = dx.view(x_shape)
         if ctx.needs_input_grad[1]:  # dW (d, K) = dy^T (d, M) @ patches (M, K)
             dw = torch.empty_like(weight)
-            _gemm(_strided(dy2, transpose=True), _pixels(video, q, p), _strided(dw), d, K, M)
+            _weight_grad(_strided(dy2, transpose=True), _pixels(video, q, p), dw, d, K, M)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0, dtype=torch.float32).to(weight.dtype)
         return dx, dw, db, None, None
@@ -225,7 +306,7 @@ class TubeletUnembedFunction(torch.autograd.Function):
             dh = dh.view(h_shape)
         if ctx.needs_input_grad[1]:  # dW (K, d) = d patches^T (K, M) @ h (M, d)
             dw = torch.empty_like(weight)
-            _gemm(_pixels(dpix, q, p, transpose=True), _strided(h2), _strided(dw), K, d, M)
+            _weight_grad(_pixels(dpix, q, p, transpose=True), _strided(h2), dw, K, d, M)
         if has_bias and ctx.needs_input_grad[2]:
             B, C, T, H, W = dpix.shape
             per_feature = dpix.view(B, C, T // q, q, H // p, p, W // p, p).sum(

@@ -11,7 +11,8 @@ import functools
 import os
 
 import torch
-import triton
+
+from ._triton import HAS_TRITON, MISSING_MESSAGE, triton
 
 
 def interpreted(t: torch.Tensor) -> bool:
@@ -20,6 +21,8 @@ def interpreted(t: torch.Tensor) -> bool:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(MISSING_MESSAGE)
     for t in tensors:
         if not (t.is_cuda or interpreted(t)):
             raise RuntimeError(

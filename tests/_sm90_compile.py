@@ -85,19 +85,22 @@ GEMMS = {
     "embed dW": dict(gather="B", unit=("sa0", "sc1")),          # dy^T @ pixels -> dW
     "unembed forward": dict(gather="C", unit=("sa1", "sb0")),   # h @ W^T -> pixels
     "unembed dh": dict(gather="A", unit=("sb1", "sc1")),        # dpixels @ W -> dh
+    "unembed dW": dict(gather="A", unit=("sb1", "sc1")),        # dpixels^T @ h -> dW
 }
 
 
-def check_tubelet_gemm_compiles_for_sm90(what, dtype):
+def check_tubelet_gemm_compiles_for_sm90(what, dtype, out_dtype=None):
+    """``out_dtype`` fp32: the weight gradients' split-K partial slabs."""
     m = _module("tubelet")
     spec = GEMMS[what]
-    types = {"BIAS": f"*{dtype}", **_ints("M", "N", "K")}
+    types = {"BIAS": f"*{dtype}", **_ints("M", "N", "K", "K_CHUNK", "sc_split")}
     constexprs = dict(A_GATHER=spec["gather"] == "A", B_GATHER=spec["gather"] == "B",
                       C_SCATTER=spec["gather"] == "C", HAS_BIAS=True, UPCAST=False,
                       IEEE=dtype == "fp32", BLOCK_M=128, BLOCK_N=128,
                       BLOCK_K=32 if dtype == "fp32" else 64)
     for name in "ABC":
-        types.update({name: f"*{dtype}", f"{name}_ROW": "*i64", f"{name}_COL": "*i64"})
+        ptr = out_dtype if name == "C" and out_dtype else dtype
+        types.update({name: f"*{ptr}", f"{name}_ROW": "*i64", f"{name}_COL": "*i64"})
         for stride in (f"s{name.lower()}0", f"s{name.lower()}1"):
             if stride in spec["unit"]:
                 constexprs[stride] = 1
@@ -117,6 +120,8 @@ if __name__ == "__main__":
         *[(check_rope_kernel_compiles_for_sm90, args) for args in ((64, 32), (32, 64))],
         *[(check_tubelet_gemm_compiles_for_sm90, (what, "bf16")) for what in GEMMS],
         (check_tubelet_gemm_compiles_for_sm90, ("embed forward", "fp32")),
+        *[(check_tubelet_gemm_compiles_for_sm90, (what, "bf16", "fp32"))
+          for what in ("embed dW", "unembed dW")],
     ]
     for fn, args in checks:
         if fn is check_rms_norm_kernels_compile_for_sm90:

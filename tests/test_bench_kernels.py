@@ -10,9 +10,10 @@ same comparison to a JSON file and a plot.
 import pytest
 import torch
 
-from vitok_fast.kernel_bench import cases
+from vitok_fast.benchmarking import cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Describes the cases only: each allocates its inputs when its test runs (case.make()).
 CASES = cases(DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
 
 
@@ -27,11 +28,11 @@ def test_bench_kernel(benchmark, case):
     benchmark.group = f"{case.op} {case.shape} {case.mode}"
     benchmark.extra_info.update(op=case.op, impl=case.impl, mode=case.mode, shape=case.shape,
                                 dtype=case.dtype, bytes=case.bytes, note=case.note)
-    run = case.fn
+    run = fn = case.make()
     if DEVICE == "cuda":
         def run():  # noqa: F811 - named for Nsight, synchronised so the timer sees the GPU
             torch.cuda.nvtx.range_push(case.nvtx)
-            case.fn()
+            fn()
             torch.cuda.nvtx.range_pop()
             torch.cuda.synchronize()
         run()  # warm-up, compile

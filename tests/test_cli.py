@@ -2,6 +2,7 @@
 decode round-trip files, and every bad input gets an error that names what was expected."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from vitok_fast import ViTok, metrics as M
 from vitok_fast import decode, encode, evaluate, reconstruct
+from vitok_fast.cli import UserError
 from vitok_fast.data import make_dataset
 
 
@@ -93,32 +95,38 @@ def test_reconstruct_round_trips_images_and_videos(ckpt, video_ckpt, tmp_path):
     assert reconstruct.read_video(vout / "clip_recon.mp4")[0].shape == (4, 32, 40, 3)
 
 
-def test_reconstruct_bad_inputs_give_clear_errors(ckpt, video_ckpt, tmp_path):
-    args = ["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--no-kernels", "--device", "cpu"]
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+def test_reconstruct_bad_inputs_give_clear_errors(ckpt, video_ckpt, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = ["--ckpt", str(ckpt), "--out", str(out), "--no-kernels", "--device", "cpu"]
+    with pytest.raises(UserError, match="these do not exist: .*missing.png"):
         reconstruct.main([str(tmp_path / "missing.png"), *args])
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"not an image at all")
-    with pytest.raises(ValueError, match="cannot read .*garbage.png as an image"):
-        reconstruct.main([str(garbage), *args])
     tiny = tmp_path / "tiny.png"
     Image.fromarray(np.zeros((4, 20, 3), np.uint8)).save(tiny)
-    with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
-        reconstruct.main([str(tiny), *args])
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(ValueError, match="unsupported input"):
-        reconstruct.main([str(text), *args])
     photo = tmp_path / "p.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(photo)
-    with pytest.raises(ValueError, match="video model"):
-        reconstruct.main([str(photo), "--ckpt", str(video_ckpt), "--out", str(tmp_path / "o")])
+    capsys.readouterr()
+    # every bad file is reported and skipped; the good one is done and in psnr.json
+    with pytest.raises(UserError, match=r"3 of 4 inputs failed .*psnr.json holds the 1 done"):
+        reconstruct.main([str(garbage), str(tiny), str(photo), str(text), *args])
+    err = capsys.readouterr().err
+    assert re.search(r"failed: .*garbage.png: cannot read .*garbage.png as an image", err)
+    assert re.search(r"failed: .*tiny.png: .*smaller than one 8x8 patch", err)
+    assert re.search(r"failed: .*notes.txt: unsupported input", err)
+    assert list(json.loads((out / "psnr.json").read_text())) == [str(photo)]
+    assert (out / "p_recon.png").is_file() and not (out / "tiny_recon.png").exists()
+    with pytest.raises(UserError, match="1 of 1 inputs failed"):
+        reconstruct.main([str(photo), "--ckpt", str(video_ckpt), "--out", str(out)])
+    assert "video model" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((ckpt / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        reconstruct.main([str(photo), "--ckpt", str(broken), "--out", str(tmp_path / "o")])
+        reconstruct.main([str(photo), "--ckpt", str(broken), "--out", str(out)])
 
 
 @torch.no_grad()

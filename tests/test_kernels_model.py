@@ -1,4 +1,8 @@
-"""The model's kernel path (use_kernels=True) against its reference path (use_kernels=False)."""
+"""The model's kernel path (use_kernels=True) against its reference path (use_kernels=False),
+on ``device`` (compiled kernels on CUDA, interpreted on the CPU). Both paths run the "math"
+attention backend: the comparison isolates the fused ops, and math's backward is
+deterministic on CUDA (the memory-efficient kernel's is not), which the bit-exact
+checkpointing test needs."""
 
 import pytest
 import torch
@@ -11,12 +15,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [("T-T/8", (2, 3, 32, 32)), ("T-T/2x8", (1, 3, 4, 16, 16))]
 
 
-def _pair(name, dtype=torch.float32):
+def _pair(name, device, dtype=torch.float32):
     torch.manual_seed(0)
-    fused = ViTok.from_name(name, use_kernels=True)
-    plain = ViTok.from_name(name, use_kernels=False)
+    fused = ViTok.from_name(name, use_kernels=True, attention_backend="math")
+    plain = ViTok.from_name(name, use_kernels=False, attention_backend="math")
     plain.load_state_dict(fused.state_dict())
-    return fused.to(dtype), plain.to(dtype)
+    return fused.to(device, dtype), plain.to(device, dtype)
 
 
 def _run(model, x):
@@ -35,14 +39,14 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("name,shape", CASES, ids=[c[0] for c in CASES])
-def test_kernel_path_matches_reference_path_fp32(name, shape):
-    fused, plain = _pair(name)
+def test_kernel_path_matches_reference_path_fp32(name, shape, device):
+    fused, plain = _pair(name, device)
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
-    x = torch.rand(shape) * 2 - 1
+    x = torch.rand(shape, device=device) * 2 - 1
     (r1, m1, g1), (r2, m2, g2) = _run(fused, x), _run(plain, x)
     # Both paths are fp32 throughout and differ only in summation order inside each op
     # (each op's relative difference is a few u32 * log2(width) ~ 1e-6 at most, see
-    # _kernel_bounds.py); over the ~20 ops of the T models' forward and backward chain the
+    # vitok_fast/kernel_bounds.py); over the ~20 ops of the T models' forward and backward chain the
     # differences add up to ~2e-5 relative in the worst case; 1e-4 leaves 5x for the
     # amplification through attention and the norms, and is 100x below a real bug's error.
     assert _rel(r1, r2) < 1e-4 and _rel(m1, m2) < 1e-4
@@ -52,16 +56,16 @@ def test_kernel_path_matches_reference_path_fp32(name, shape):
 
 
 @pytest.mark.parametrize("name,shape", CASES, ids=[c[0] for c in CASES])
-def test_kernel_path_is_as_accurate_as_reference_path_bf16(name, shape):
+def test_kernel_path_is_as_accurate_as_reference_path_bf16(name, shape, device):
     # In bf16 both paths round every op's output to 8 significant bits, at different
     # places (the kernels round once per fused op, eager rounds after every primitive,
     # and the CPU interpreter truncates), so they cannot agree bit for bit. The claim that
     # can be checked without tuning: measured against the same model in float64, the kernel
     # path's error is no larger than twice the reference path's, plus bf16's unit
     # roundoff 2^-8 (one rounding more or less on any tensor).
-    fused, plain = _pair(name, torch.bfloat16)
-    _, exact = _pair(name, torch.float64)
-    x = (torch.rand(shape) * 2 - 1).to(torch.bfloat16)
+    fused, plain = _pair(name, device, torch.bfloat16)
+    _, exact = _pair(name, device, torch.float64)
+    x = (torch.rand(shape, device=device) * 2 - 1).to(torch.bfloat16)
     out_k, out_r, out_64 = _run(fused, x), _run(plain, x), _run(exact, x.double())
     for what, k, r, e in (("recon", out_k[0], out_r[0], out_64[0]),
                           ("mean", out_k[1], out_r[1], out_64[1])):
@@ -71,9 +75,9 @@ def test_kernel_path_is_as_accurate_as_reference_path_bf16(name, shape):
         assert err_k <= 2 * err_r + 2 ** -8, f"{key}: kernel {err_k:.3e} vs reference {err_r:.3e}"
 
 
-def test_kernel_path_with_grad_checkpointing_matches():
-    fused, _ = _pair("T-T/8")
-    x = torch.rand(1, 3, 16, 16) * 2 - 1
+def test_kernel_path_with_grad_checkpointing_matches(device):
+    fused, _ = _pair("T-T/8", device)
+    x = torch.rand(1, 3, 16, 16, device=device) * 2 - 1
     r1, _, g1 = _run(fused, x)
     fused.set_grad_checkpointing(True)
     r2, _, g2 = _run(fused, x)
@@ -92,12 +96,12 @@ def test_state_dict_keys_unchanged_by_fused_blocks():
     assert "encoder.transformer.norm.weight" in keys and "decoder.head.bias" in keys
 
 
-def test_kernel_path_follows_autocast_like_reference_path():
+def test_kernel_path_follows_autocast_like_reference_path(device):
     # custom autograd Functions bypass autocast; the GEMM kernels cast as F.linear would, so
     # under bf16 autocast both paths produce the same dtypes and close values
-    fused, plain = _pair("T-T/8")
-    x = torch.rand(1, 3, 16, 16) * 2 - 1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    fused, plain = _pair("T-T/8", device)
+    x = torch.rand(1, 3, 16, 16, device=device) * 2 - 1
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         outs = [m(x, sample=False) for m in (fused, plain)]
         embeds = [m.encoder.transformer.blocks[0].attn_norm.weight.dtype for m in (fused, plain)]
     (r1, p1), (r2, p2) = outs
@@ -110,10 +114,10 @@ def test_kernel_path_follows_autocast_like_reference_path():
     assert _rel(r1, exact) <= 2 * _rel(r2, exact) + 2 ** -8
 
 
-def test_float64_model_runs_reference_maths_even_with_kernels_on():
+def test_float64_model_runs_reference_maths_even_with_kernels_on(device):
     # the kernels compute in fp32; a float64 model must not silently drop to fp32
-    fused, plain = _pair("T-T/8", torch.float64)
-    x = torch.rand(1, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    fused, plain = _pair("T-T/8", device, torch.float64)
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64, device=device) * 2 - 1
     r1, _, g1 = _run(fused, x)
     r2, _, g2 = _run(plain, x)
     assert torch.equal(r1, r2)

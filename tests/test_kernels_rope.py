@@ -29,13 +29,13 @@ def _scale(x):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_rope_qk_on_packed_qkv_views_matches_float64_reference(case, dtype):
+def test_rope_qk_on_packed_qkv_views_matches_float64_reference(case, dtype, device):
     B, H, D, grid = case
     N = grid[0] * grid[1] * grid[2]
-    qkv = torch.randn(B, N, 3, H, D).to(dtype).requires_grad_()
+    qkv = torch.randn(B, N, 3, H, D, device=device).to(dtype).requires_grad_()
     q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, D) views, as in model.Attention
     assert not q.is_contiguous() or B * H * N == 1
-    cos, sin = rope_cos_sin(grid, D)
+    cos, sin = rope_cos_sin(grid, D, device=device)
     qo, ko = rope_3d_qk(q, k, cos, sin)
     assert qo.is_contiguous() and ko.is_contiguous() and qo.dtype == dtype
     dq, dk = torch.randn_like(qo), torch.randn_like(ko)
@@ -55,10 +55,10 @@ def test_rope_qk_on_packed_qkv_views_matches_float64_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_rope_single_tensor_any_leading_shape(dtype):
+def test_rope_single_tensor_any_leading_shape(dtype, device):
     grid, D = (2, 3, 4), 64
-    x = torch.randn(5, 24, D).to(dtype).requires_grad_()  # (heads, N, D), 3-d
-    cos, sin = rope_cos_sin(grid, D)
+    x = torch.randn(5, 24, D, device=device).to(dtype).requires_grad_()  # (heads, N, D), 3-d
+    cos, sin = rope_cos_sin(grid, D, device=device)
     y = rope_3d(x, cos, sin)
     (dx,) = torch.autograd.grad(y, (x,), y.detach())
     x64 = x.detach().double()
@@ -69,23 +69,23 @@ def test_rope_single_tensor_any_leading_shape(dtype):
     assert_within(dx, x64, rel=3 * store, abs_=3 * store * _scale(x64), what="inverse rotation")
 
 
-def test_rope_kernel_equals_reference_path_in_fp32():
-    q, k = torch.randn(2, 2, 16, 32), torch.randn(2, 2, 16, 32)
-    cos, sin = rope_cos_sin((1, 4, 4), 32)
+def test_rope_kernel_equals_reference_path_in_fp32(device):
+    q, k = torch.randn(2, 2, 16, 32, device=device), torch.randn(2, 2, 16, 32, device=device)
+    cos, sin = rope_cos_sin((1, 4, 4), 32, device=device)
     for out, ref, x in zip(rope_3d_qk(q, k, cos, sin), rope_3d_qk_ref(q, k, cos, sin), (q, k)):
         assert_within(out, ref, rel=2 * fp32_bound(2, 1), abs_=2 * fp32_bound(2, 1) * _scale(x.double()),
                       what="vs rope_3d_qk_ref")
 
 
 def test_rope_split_follows_spec():
-    # SPEC.md section 4: t gets P - 2(P//3) pairs, h and w P//3 each
+    # docs/design.md (3D RoPE): t gets P - 2(P//3) pairs, h and w P//3 each
     assert rope_split(64) == (12, 10, 10)
     assert rope_split(72) == (12, 12, 12)
 
 
-def test_rope_rejects_mismatched_tables():
-    cos, sin = rope_cos_sin((1, 2, 2), 32)
+def test_rope_rejects_mismatched_tables(device):
+    cos, sin = rope_cos_sin((1, 2, 2), 32, device=device)
     with pytest.raises(ValueError, match=r"cos of shape \(N, D/2\)"):
-        rope_3d(torch.randn(1, 5, 32), cos, sin)
+        rope_3d(torch.randn(1, 5, 32, device=device), cos, sin)
     with pytest.raises(ValueError, match="fp32"):
-        rope_3d(torch.randn(1, 4, 32), cos.double(), sin.double())
+        rope_3d(torch.randn(1, 4, 32, device=device), cos.double(), sin.double())

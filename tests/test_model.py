@@ -1,4 +1,4 @@
-"""Model shapes, parameter counts, conventions of SPEC.md section 4, variable resolution."""
+"""Model shapes, parameter counts, conventions of docs/design.md section 4, variable resolution."""
 
 import math
 
@@ -45,7 +45,7 @@ def test_tiny_forward_shapes_and_finite(name, x_shape, z_shape):
 
 
 def _analytic_params(cfg: ViTokConfig) -> tuple[int, int]:
-    """Independent count from SPEC.md: 4d^2 attention + 3 d h SwiGLU + 2 norms per block."""
+    """Independent count from docs/design.md section 1: 4d^2 attention + 3 d h SwiGLU + 2 norms per block."""
     def stack(d, depth, hidden):
         return depth * (4 * d * d + 3 * d * hidden + 2 * d) + d
     P, c = cfg.patch_dim, cfg.channels
@@ -93,7 +93,7 @@ def test_patchify_matches_spec_and_unpatchify_inverts():
 
 
 def test_embed_is_a_linear_on_flattened_tubelets():
-    # SPEC: the paper's Conv3d(kernel = stride = q x p x p) is exactly a Linear on patchify(x).
+    # docs/design.md section 1: the paper's Conv3d(kernel = stride = q x p x p) is exactly a Linear on patchify(x).
     model = tiny("T-T/2x8")
     x = torch.randn(1, 3, 4, 16, 16)
     w = model.encoder.embed.weight  # (d, q*p*p*3), inputs ordered (q, p1, p2, c)

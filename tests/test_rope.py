@@ -1,4 +1,4 @@
-"""3D RoPE properties (SPEC.md section 4)."""
+"""3D RoPE properties (docs/design.md section 4)."""
 
 import pytest
 import torch

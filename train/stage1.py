@@ -1,6 +1,6 @@
 """Stage 1 of ViTok training: the autoencoder with MSE + eta * LPIPS + beta * KL.
 
-    torchrun --nproc_per_node 8 train/stage1.py                 # paper defaults: S-B/16, 256p
+    torchrun --nproc_per_node 8 train/stage1.py --data /data/imagenet/train   # paper: S-B/16, 256p
     python train/stage1.py --smoke                              # tiny CPU run, ~1 minute
     torchrun --nproc_per_node 8 train/stage1.py --data "shards/{000..099}.tar" --compile
 
@@ -11,33 +11,39 @@ The model knows nothing of DDP, compile or checkpoints: they are applied here, f
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from vitok_fast import ViTok, ViTokConfig
+from vitok_fast import ViTok, ViTokConfig, cli
 from vitok_fast import distributed as D
-from vitok_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint
+from vitok_fast.checkpoint import load_resume, save_checkpoint, step_dir_name
 from vitok_fast.data import make_dataset, make_loader
+from vitok_fast.faults import kill_point
 from vitok_fast.losses import reconstruction_loss
-from vitok_fast.training import (NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
-                                 add_common_args, autocast_dtype, build_lpips, build_optimizer,
-                                 clip_grad_norm, cosine_schedule, evaluate, finalize_args,
-                                 heldout_batch, model_macs, noise_seed, peak_lr,
-                                 restore_run_state, rng_state, save_grid, tune_attention,
-                                 write_bench)
+from vitok_fast.training import (NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
+                                 accumulation_steps, add_common_args, autocast_dtype, build_lpips,
+                                 build_optimizer, check_resume_model, clip_grad_norm,
+                                 cosine_schedule, evaluate, finalize_args, heldout_batch,
+                                 model_macs, noise_seed, peak_lr, restore_run_state,
+                                 resume_command, rng_state, save_grid, tune_attention, write_bench)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--kl-weight", type=float, default=1e-3, help="beta [paper: 1e-3]")
+    parser.add_argument("--kl-weight", type=cli.nonnegative_float, default=1e-3,
+                        help="beta [paper: 1e-3]")
     return finalize_args(parser.parse_args(argv), parser, "stage1")
 
 
 def main(argv=None) -> dict:
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
+        return train(argv, stop)
+
+
+def train(argv, stop: StopOnSignal) -> dict:
     args = parse_args(argv)
     dist = D.setup(args.device)
     device, main_rank = dist.device, dist.is_main
@@ -48,17 +54,21 @@ def main(argv=None) -> dict:
     accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    train_set = make_dataset(args.data, args.resolution, args.frames,
-                             frame_stride=args.frame_stride, train=True, seed=args.seed)
-    val_batch = heldout_batch(args, args.val_images)
+    with cli.option("--data", args.data):
+        train_set = make_dataset(args.data, args.resolution, args.frames,
+                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
+    with cli.option("--val-data", args.val_data):
+        val_batch = heldout_batch(args, args.val_images)
     val_batch = val_batch.to(device) if val_batch is not None else None
     config = ViTokConfig.from_name(args.model, channels=args.channels,
-                                   use_kernels=not args.no_kernels)
-    resume_from = resolve_checkpoint(args.resume, out_dir)
+                                   use_kernels=not args.no_kernels,
+                                   attention_backend=args.attention_backend)
+    resume_from, state = load_resume(args.resume, out_dir, verbose=main_rank)
+    if resume_from is not None:  # another model's run names the differing fields
+        check_resume_model(resume_from, config, f"--model {args.model} --channels {args.channels}")
 
     # -- model, optimizer, schedule; a resumed run reloads all of them -----------------------
     model = ViTok(config).to(device)
-    state = load_state(resume_from) if resume_from is not None else None
     if state is not None:
         model.load_state_dict(ViTok.from_pretrained(resume_from).state_dict())
     if args.activation_checkpointing:
@@ -78,10 +88,17 @@ def main(argv=None) -> dict:
         D.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = restore_run_state(state, args, guard, dist.rank, main_rank)
+    if step >= args.max_steps:
+        if main_rank:
+            print(f"run already finished at step {step} ({out_dir}); nothing to do")
+        D.cleanup()
+        return {"step": step, "losses": [], "val_psnr": [], "skipped": 0,
+                "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
 
     loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
                          world=dist.world, start_batches=step * accum,
                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    stop.arm()  # from here a signal stops the run after the current step (workers inherit it)
     batches = iter(loader)
     noise = torch.Generator(device)
     logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="stage 1")
@@ -94,8 +111,10 @@ def main(argv=None) -> dict:
     throughput = Throughput(model_macs(config, args.frames, args.resolution),
                             device, dist.world)
     losses, val_psnr = [], []
+    saved_at = step
 
     def checkpoint(step):
+        nonlocal saved_at
         plain = D.full_model(model, lambda: ViTok(config))
         opt_state = D.optimizer_state(model, optimizer)
         rngs = D.gather_objects(rng_state())
@@ -108,6 +127,7 @@ def main(argv=None) -> dict:
                          "world": dist.world, "skipped": n_skipped},
             }, keep=args.keep)
         D.barrier()
+        saved_at = step
 
     def skipped():
         return int(D.all_max(train_set.skip_counts().to(device)).sum())
@@ -147,6 +167,7 @@ def main(argv=None) -> dict:
         lr_now = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
+        kill_point("step", step, out_dir)  # test hook: a rank lost mid-run
         throughput.tick(args.global_batch_size)
         losses.append(parts_mean[0])
         logger.step()
@@ -168,7 +189,16 @@ def main(argv=None) -> dict:
             evaluate_heldout(step)
         if step % args.save_every == 0 or step == args.max_steps:
             checkpoint(step)
+        if stop.agreed(device):  # every rank stops after the same step
+            break
 
+    if stop.stopped and step < args.max_steps:  # a stop in the last step: the run is done
+        if saved_at != step:
+            checkpoint(step)
+        logger.close()
+        D.cleanup()
+        stop.exit(step, out_dir / step_dir_name(step),
+                  resume_command(__file__, argv, out_dir / step_dir_name(step)), main_rank)
     n_skipped = skipped()
     if main_rank and n_skipped:
         logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")
@@ -183,8 +213,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)

@@ -1,9 +1,9 @@
 """Stage 2 of ViTok training: freeze the encoder, fine-tune the decoder with a GAN.
 
-    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16
+    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16 --data /data/in/train
     python train/stage2.py --smoke --init runs/stage1-T-T_8        # tiny CPU run
 
-[paper] Section 2.3 (SPEC.md section 2): the encoder is frozen; the decoder trains on
+[paper] Section 2.3 (docs/design.md section 2): the encoder is frozen; the decoder trains on
 MSE + eta * LPIPS + lambda * GAN with a StyleGAN discriminator (lr 2e-5, 25k-step warm-up);
 batch 256 images / 128 videos, 100k steps; EMA of the weights with decay 0.9999, which is
 what ``<run>/step_*/ema`` holds and what the held-out PSNR and grids use.
@@ -12,24 +12,40 @@ generator's GAN term ramps in linearly over the discriminator's warm-up.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from vitok_fast import ViTok
+from vitok_fast import ViTok, cli
 from vitok_fast import distributed as D
-from vitok_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint
+from vitok_fast.checkpoint import (is_complete, latest_checkpoint, load_resume,
+                                   resolve_checkpoint, save_checkpoint, step_dir_name)
 from vitok_fast.data import make_dataset, make_loader
 from vitok_fast.discriminator import Discriminator
+from vitok_fast.faults import kill_point
 from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
                                reconstruction_loss)
-from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
-                                 add_common_args, autocast_dtype, build_lpips, build_optimizer,
-                                 clip_grad_norm, cosine_schedule, evaluate, finalize_args,
-                                 heldout_batch, model_macs, noise_seed, peak_lr,
-                                 restore_run_state, rng_state, save_grid, tune_attention,
-                                 write_bench)
+from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, StopOnSignal,
+                                 Throughput, accumulation_steps, add_common_args, autocast_dtype, build_lpips,
+                                 build_optimizer, check_resume_model, clip_grad_norm,
+                                 cosine_schedule, evaluate, finalize_args, heldout_batch,
+                                 model_macs, noise_seed, peak_lr, restore_run_state,
+                                 resume_command, rng_state, save_grid, tune_attention, write_bench)
+
+
+def _init_dir(text: str) -> str:
+    """``--init``: an existing stage-1 checkpoint or run directory ('auto' is --resume's)."""
+    if text == "auto":
+        raise argparse.ArgumentTypeError(
+            "'auto' is for --resume; --init needs the stage-1 checkpoint directory or the "
+            "stage-1 run directory (its latest checkpoint), e.g. runs/stage1-S-B_16")
+    cli.existing_dir(text)
+    if not is_complete(Path(text)) and latest_checkpoint(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a stage-1 checkpoint directory (holding config.json, model.safetensors "
+            f"and train_state.pt) or a stage-1 run directory with such checkpoints, got {text}, "
+            f"which holds neither")
+    return text
 
 
 def _init_config(spec):
@@ -43,19 +59,21 @@ def _init_config(spec):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group("stage 2")
-    g.add_argument("--init", required=True, help="stage-1 checkpoint directory (or a stage-1 "
-                   "run directory: its latest); the model (--model, --channels) is the one it holds")
-    g.add_argument("--gan-weight", type=float, default=0.05, help="lambda [ours: 0.05, see SPEC]")
-    g.add_argument("--disc-lr", type=float, default=2e-5, help="[paper] 2e-5")
-    g.add_argument("--disc-warmup", type=int, default=25_000,
+    g.add_argument("--init", required=True, type=_init_dir,
+                   help="stage-1 checkpoint directory (or a stage-1 run directory: its latest); "
+                   "the model (--model, --channels) is the one it holds")
+    g.add_argument("--gan-weight", type=cli.nonnegative_float, default=0.05,
+                   help="lambda [ours: 0.05, see docs/design.md section 2]")
+    g.add_argument("--disc-lr", type=cli.positive_float, default=2e-5, help="[paper] 2e-5")
+    g.add_argument("--disc-warmup", type=cli.nonnegative_int, default=25_000,
                    help="discriminator lr warm-up steps [paper: 25k]; the generator's GAN "
                    "term ramps in over the same steps")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="[paper] 0.9999")
-    g.add_argument("--disc-channels", type=int, default=64,
+    g.add_argument("--ema-decay", type=cli.fraction, default=0.9999, help="[paper] 0.9999")
+    g.add_argument("--disc-channels", type=cli.positive_int, default=64,
                    help="discriminator channels at full resolution, doubling per halving up to 512")
     args = parser.parse_args(argv)
     # The model is the stage-1 checkpoint's: take its name (and so image/video defaults) there.
@@ -71,6 +89,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
+        return train(argv, stop)
+
+
+def train(argv, stop: StopOnSignal) -> dict:
     args = parse_args(argv)
     dist = D.setup(args.device)
     device, main_rank = dist.device, dist.is_main
@@ -82,20 +105,24 @@ def main(argv=None) -> dict:
     init = resolve_checkpoint(args.init, args.init, flag="--init")
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    train_set = make_dataset(args.data, args.resolution, args.frames,
-                             frame_stride=args.frame_stride, train=True, seed=args.seed)
-    val_batch = heldout_batch(args, args.val_images)
+    with cli.option("--data", args.data):
+        train_set = make_dataset(args.data, args.resolution, args.frames,
+                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
+    with cli.option("--val-data", args.val_data):
+        val_batch = heldout_batch(args, args.val_images)
     val_batch = val_batch.to(device) if val_batch is not None else None
-    resume_from = resolve_checkpoint(args.resume, out_dir)
+    resume_from, state = load_resume(args.resume, out_dir, verbose=main_rank)
+    if resume_from is not None:  # a run of another stage-1 model names the differing fields
+        check_resume_model(resume_from, _init_config(args.init), f"--init {args.init}")
 
     # -- the stage-1 model with a frozen encoder, a discriminator, the EMA -------------------
     model = ViTok.from_pretrained(resume_from or init, device=device,
-                                  use_kernels=not args.no_kernels)
+                                  use_kernels=not args.no_kernels,
+                                  attention_backend=args.attention_backend)
     config = model.config
     model.encoder.requires_grad_(False)
     disc = Discriminator(args.resolution, args.disc_channels).to(device)
     ema = EMA(model, args.ema_decay, track="decoder")
-    state = load_state(resume_from) if resume_from is not None else None
     if state is not None:
         ema.model.load_state_dict(ViTok.from_pretrained(resume_from / "ema").state_dict())
         disc.load_state_dict(state["discriminator"])
@@ -120,10 +147,17 @@ def main(argv=None) -> dict:
         sched_g.load_state_dict(state["scheduler"])
         sched_d.load_state_dict(state["disc_scheduler"])
         step = restore_run_state(state, args, guard, dist.rank, main_rank)
+    if step >= args.max_steps:
+        if main_rank:
+            print(f"run already finished at step {step} ({out_dir}); nothing to do")
+        D.cleanup()
+        return {"step": step, "losses": [], "val_psnr": [], "skipped": 0,
+                "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
 
     loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
                          world=dist.world, start_batches=step * accum,
                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    stop.arm()  # from here a signal stops the run after the current step (workers inherit it)
     batches = iter(loader)
     noise = torch.Generator(device)
     logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="stage 2")
@@ -142,6 +176,23 @@ def main(argv=None) -> dict:
 
     def skipped():
         return int(D.all_max(train_set.skip_counts().to(device)).sum())
+
+    saved_at = step
+
+    def checkpoint(step):
+        nonlocal saved_at
+        rngs = D.gather_objects(rng_state())
+        n_skipped = skipped()  # collectives: every rank calls them
+        if main_rank:
+            save_checkpoint(out_dir, step, D.unwrap(model), {
+                "step": step, "optimizer": opt_g.state_dict(), "scheduler": sched_g.state_dict(),
+                "discriminator": disc.state_dict(), "disc_optimizer": opt_d.state_dict(),
+                "disc_scheduler": sched_d.state_dict(), "guard": guard.state_dict(),
+                "rng": rngs, "args": vars(args), "init": str(init),
+                "data": {"batches_per_rank": step * accum, "skipped": n_skipped},
+            }, extra_models={"ema": ema.model}, keep=args.keep)
+        D.barrier()
+        saved_at = step
 
     def evaluate_heldout(step):
         value, recon = evaluate(ema.model, val_batch, dtype)  # [paper] the EMA is evaluated
@@ -199,6 +250,7 @@ def main(argv=None) -> dict:
         sched_g.step()
         sched_d.step()
         step += 1
+        kill_point("step", step, out_dir)  # test hook: a rank lost mid-run
         throughput.tick(args.global_batch_size)
         losses.append(parts_mean[0])
         logger.step()
@@ -219,18 +271,17 @@ def main(argv=None) -> dict:
         if val_batch is not None and (step % args.eval_every == 0 or step == args.max_steps):
             evaluate_heldout(step)
         if step % args.save_every == 0 or step == args.max_steps:
-            rngs = D.gather_objects(rng_state())
-            n_skipped = skipped()  # collectives: every rank calls them
-            if main_rank:
-                save_checkpoint(out_dir, step, D.unwrap(model), {
-                    "step": step, "optimizer": opt_g.state_dict(), "scheduler": sched_g.state_dict(),
-                    "discriminator": disc.state_dict(), "disc_optimizer": opt_d.state_dict(),
-                    "disc_scheduler": sched_d.state_dict(), "guard": guard.state_dict(),
-                    "rng": rngs, "args": vars(args), "init": str(init),
-                    "data": {"batches_per_rank": step * accum, "skipped": n_skipped},
-                }, extra_models={"ema": ema.model}, keep=args.keep)
-            D.barrier()
+            checkpoint(step)
+        if stop.agreed(device):  # every rank stops after the same step
+            break
 
+    if stop.stopped and step < args.max_steps:  # a stop in the last step: the run is done
+        if saved_at != step:
+            checkpoint(step)
+        logger.close()
+        D.cleanup()
+        stop.exit(step, out_dir / step_dir_name(step),
+                  resume_command(__file__, argv, out_dir / step_dir_name(step)), main_rank)
     n_skipped = skipped()
     if main_rank and n_skipped:
         logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")
@@ -243,8 +294,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)

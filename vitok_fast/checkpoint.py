@@ -13,6 +13,11 @@ Atomicity: everything is written into a hidden temporary directory next to the f
 into place and its parent fsynced. A crash at any point leaves at worst a ``.step_*.tmp``
 directory, which ``list_checkpoints`` ignores and the next save removes; the last complete
 checkpoint is never touched until a newer one is complete. Only the last ``keep`` are kept.
+
+Damage after the fact (a file truncated or deleted by a full disk, a bad copy, a user) is
+caught on resume: :func:`load_resume` opens every file of the checkpoint and names the one
+that does not read. ``--resume auto`` then falls back to the newest checkpoint that does,
+and says which; an explicit ``--resume PATH`` stops with the file's name instead.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from vitok_fast.faults import kill_point
 from vitok_fast.fileio import atomic_write
 from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE, ViTok
 
@@ -61,6 +68,7 @@ def save_checkpoint(run_dir, step: int, model: ViTok, state: dict, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=run_dir))
     try:
         model.save_pretrained(tmp)
+        kill_point("save", step, run_dir)  # test hook: a crash halfway through the save
         for sub, extra in (extra_models or {}).items():
             extra.save_pretrained(tmp / sub)
             _fsync_dir(tmp / sub)
@@ -128,3 +136,102 @@ def load_state(path) -> dict:
     """The ``train_state.pt`` of a checkpoint directory (on the CPU)."""
     # weights_only=False: the state holds Python RNG states and argument dicts we wrote.
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing or does not read; the message names the file."""
+
+
+def _check_model_dir(directory: Path) -> None:
+    """``config.json`` parses and ``model.safetensors`` has a whole header whose tensors the
+    file covers (safetensors checks that on open: a truncated file fails here)."""
+    import json
+
+    from safetensors import safe_open
+
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is missing")
+    try:
+        json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE} does not read: {e}") from None
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # SafetensorError, OSError: truncated, empty, not safetensors
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} does not read (truncated or "
+                              f"damaged?): {e}") from None
+
+
+def read_checkpoint(path) -> dict:
+    """Check every file of checkpoint ``path`` (the model, each sub-model such as ``ema/``,
+    the train state) and return the train state; :class:`CheckpointError` names the first
+    file that is missing or does not read."""
+    path = Path(path)
+    _check_model_dir(path)
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        _check_model_dir(sub)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{path / STATE_FILE} is missing")
+    try:
+        state = load_state(path)
+    except Exception as e:  # RuntimeError (zip), EOFError, OSError, UnpicklingError
+        raise CheckpointError(f"{path / STATE_FILE} does not read (truncated or damaged?): "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path / STATE_FILE} holds no training state")
+    return state
+
+
+def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """Every ``step_*`` directory, complete or not, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    return sorted((int(m[1]), p) for p in run_dir.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def load_resume(spec: str | None, run_dir, verbose: bool = True,
+                log=None) -> tuple[Path | None, dict | None]:
+    """``--resume`` with every file checked: ``(checkpoint, train state)``, or ``(None,
+    None)`` for a fresh start. ``auto`` takes the newest checkpoint in ``run_dir`` that
+    reads, and logs each one it passes over and which it used; a named checkpoint (or run
+    directory: its newest) that does not read raises :class:`CheckpointError` naming the
+    file, since falling back there would silently train from another step. Messages go to
+    ``log`` (default: stderr), only if ``verbose`` (rank 0)."""
+    if log is None:
+        log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if not verbose:
+        log = lambda message: None  # noqa: E731
+    if not spec:
+        return None, None
+    if spec != "auto":
+        path = Path(spec).expanduser()
+        if path.is_dir() and not _STEP_DIR.match(path.name) and _step_dirs(path):
+            path = _step_dirs(path)[-1][1]  # a run directory: its newest checkpoint
+        elif not (path.is_dir() and any((path / f).exists()
+                                        for f in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE))):
+            path = resolve_checkpoint(spec, run_dir)  # raises: what --resume expects
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume {spec}: {e}; resume from an earlier checkpoint, or "
+                                  f"pass --resume auto to use the newest one that reads") from None
+    skipped = []
+    for _, path in reversed(_step_dirs(Path(run_dir))):
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError as e:
+            log(f"warning: --resume auto: skipping {path.name}: {e}")
+            skipped.append(path.name)
+            continue
+        if skipped:
+            log(f"--resume auto: resuming from {path}, the newest checkpoint that reads "
+                f"(unusable: {', '.join(skipped)})")
+        return path, state
+    if skipped:
+        raise CheckpointError(
+            f"--resume auto: no checkpoint in {run_dir} reads ({', '.join(skipped)}); move them "
+            f"aside, or pass --resume '' to start fresh")
+    return None, None

@@ -5,12 +5,21 @@ edge checks) with a message that says what was expected, what was given and what
 :func:`run` prints ``error: <message>`` on stderr and exits 2. ``VITOK_DEBUG=1`` re-raises
 instead, so the traceback is there when a developer wants it. Anything else is a bug and
 keeps its traceback.
+
+Options are checked while they are parsed, before any work starts: every tool builds its
+parser with :class:`ArgumentParser` (whose own errors, such as an unknown choice or a missing
+required option, are a ``UserError`` too, so they read like every other error) and gives
+each option one of the ``type=`` validators below (``positive_int``, ``existing_file``, ...).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -18,8 +27,10 @@ class UserError(Exception):
     """A mistake the user can fix: a bad option, a missing file, a mismatched checkpoint."""
 
 
-# Exceptions that the library raises only for input it was given (checked at the edge).
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)
+# Exceptions that the library raises only for input it was given (checked at the edge), and
+# FloatingPointError, which only training's non-finite guard raises, with what to change.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError,
+               FloatingPointError)
 
 
 def run(main: Callable[..., object], *args, **kwargs):
@@ -34,3 +45,158 @@ def run(main: Callable[..., object], *args, **kwargs):
             message = f"{message}: {e.filename}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def first_sentence(error: Exception, limit: int = 100) -> str:
+    """The start of a library's error message, for quoting inside one of ours."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose parse errors raise :class:`UserError` instead of printing a usage block
+    and exiting: under :func:`run` they are one ``error:`` line like every other user error,
+    and a test calling ``main(argv)`` sees the exception."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+@contextlib.contextmanager
+def option(flag: str, value):
+    """Name the option a library error came from: ``with cli.option("--data", args.data):``
+    turns "no images in X" into "--data X: no images in X"."""
+    try:
+        yield
+    except (UserError, FileNotFoundError, ValueError) as e:
+        if flag in str(e):
+            raise
+        raise UserError(f"{flag} {value}: {e}") from e
+
+
+# -- type= validators: argparse reports them as "argument --flag: <message>" -------------
+
+
+def _number(kind, text: str, expected: str, ok: Callable[[float], bool]):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value) or (kind is float and not math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count: 1, 2, 3, ..."""
+    return _number(int, text, "a positive integer", lambda v: v > 0)
+
+
+def nonnegative_int(text: str) -> int:
+    """0, 1, 2, ... (worker counts, seeds)."""
+    return _number(int, text, "an integer >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, "a positive number", lambda v: v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+    """A loss weight or a decay: 0 switches the term off."""
+    return _number(float, text, "a number >= 0", lambda v: v >= 0)
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    return _number(float, text, "a number between 0 and 1", lambda v: 0 <= v <= 1)
+
+
+def existing_file(text: str) -> str:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file, got {text}, which is a directory")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"expected an existing file, got {text}, which does not exist")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a directory, got {text}, which is a file")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected an existing directory, got {text}, which does not exist")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """A directory to write into: it may not exist yet, but must not be a file."""
+    if Path(text).expanduser().exists() and not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected an output directory, got {text}, which is a file; choose another path")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write: it may exist (it is replaced), but must not be a directory."""
+    if Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected an output file, got {text}, which is a directory; give a file name in it")
+    return text
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where there is a GPU."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, "
+                                         f"got {text!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"got {text}, but no CUDA device is available; "
+                                             f"use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"got {text}, but only {count} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- checks that need the model (its patch and tubelet sizes) ----------------------------
+
+
+def check_sizes(config, *, resolution=None, frames=None, tile=None, overlap=None) -> None:
+    """``--resolution``, ``--frames``, ``--tile`` and ``--overlap`` against the model, before
+    the first batch: sizes are whole patches (p pixels) and clips whole tubelets (q frames)."""
+    p, q = config.patch_size, config.tubelet_size
+    if resolution is not None and resolution % p:
+        raise UserError(f"--resolution must be a multiple of the patch size {p} of {config.name}, "
+                        f"got {resolution}; try {max(p, round(resolution / p) * p)}")
+    if frames is not None and frames != 1 and not config.is_video:
+        raise UserError(f"--frames {frames} is for video models; {config.name} is an image model "
+                        f"(leave --frames out)")
+    if frames is not None and frames % q:
+        raise UserError(f"--frames must be a multiple of the tubelet size {q} of {config.name}, "
+                        f"got {frames}; try {max(q, frames // q * q)}")
+    if tile is None:
+        if overlap is not None:
+            raise UserError(f"--overlap {overlap} is given without --tile; add --tile PIXELS")
+        return
+    if tile % p:
+        raise UserError(f"--tile must be a multiple of the patch size {p} of {config.name}, "
+                        f"got {tile}; try {max(p, round(tile / p) * p)}")
+    if overlap is not None and (overlap % p or overlap >= tile):
+        raise UserError(f"--overlap must be a multiple of the patch size {p} and smaller than "
+                        f"--tile {tile}, got {overlap}")

@@ -16,7 +16,7 @@ from vitok_fast.attention import BACKENDS as ATTENTION_BACKENDS
 from vitok_fast.kernels.rope import rope_split
 
 # [paper] Table 1: hidden size, blocks, heads. The SwiGLU hidden size 8d/3 is [ours],
-# derived from the table's parameter counts (SPEC.md section 1).
+# derived from the table's parameter counts (docs/design.md section 1).
 SIZES = {
     "S": dict(width=768, depth=6, heads=12, mlp_hidden=2048),
     "B": dict(width=768, depth=12, heads=12, mlp_hidden=2048),
@@ -29,6 +29,11 @@ _NAME = re.compile(r"^(?P<enc>[A-Z])-(?P<dec>[A-Z])/(?:(?P<q>\d+)x)?(?P<p>\d+)$"
 
 # The variants the paper reports (Tables 1-5); `bench/flops.py --all` walks these.
 PAPER_VARIANTS = ("S-B/16", "S-L/16", "B-B/16", "S-B/8", "S-B/32", "S-B/4x8", "S-B/8x8", "S-B/4x16")
+
+
+# Fields that change how a model runs, not what it computes: configs that differ only in
+# these are the same model (a checkpoint saved with kernels loads without them).
+RUNTIME_FIELDS = ("use_kernels", "attention_backend")
 
 
 @dataclass
@@ -60,10 +65,11 @@ class ViTokConfig:
     # where Triton can run (CUDA tensors, or CPU under TRITON_INTERPRET=1); the plain
     # PyTorch path is used elsewhere and is always the reference.
     use_kernels: bool = True
-    # Which attention kernel runs (vitok_fast/attention.py): "auto" times the CUDA kernels
-    # once per shape and keeps the fastest (plain SDPA on the CPU); or pin one of
-    # "sdpa", "flash", "cudnn", "efficient", "math", "fa4". Run-time only: no weights.
-    attention_backend: str = "auto"
+    # Which attention kernel runs (vitok_fast/attention.py): "sdpa" lets PyTorch choose;
+    # "auto" (opt-in) checks the CUDA kernels forward and backward once per shape and keeps
+    # the fastest correct one (plain SDPA on the CPU); or pin one of "flash", "cudnn",
+    # "efficient", "math", "fa4". Run-time only: no weights.
+    attention_backend: str = "sdpa"
 
     def __post_init__(self):
         def positive(field):
@@ -146,6 +152,14 @@ class ViTokConfig:
         if unknown:
             raise ValueError(f"config has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+    def differences(self, other: "ViTokConfig | dict") -> list[str]:
+        """``field: mine -> other's`` for each field that differs, run-time switches aside:
+        what an error says when a checkpoint or a run directory holds another model."""
+        mine = self.to_dict()
+        theirs = other.to_dict() if isinstance(other, ViTokConfig) else dict(other)
+        return [f"{k}: {mine.get(k)} -> {theirs.get(k)}" for k in sorted({*mine, *theirs})
+                if k not in RUNTIME_FIELDS and k != "name" and mine.get(k) != theirs.get(k)]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

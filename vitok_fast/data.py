@@ -16,10 +16,25 @@ Sources:
   ``"shards/{000..099}.tar"``  WebDataset tar shards (brace pattern), split by rank and
       data-loader worker; each sample is a jpg/png/webp image or an mp4/webm/avi video.
 
-A file that cannot be decoded is skipped (replaced by the next readable one), counted once
-and named in a warning, never a crash: ``dataset.skipped`` and ``dataset.skipped_files``
-report them, across data-loader workers. An empty folder or a pattern that matches nothing
-raises ``FileNotFoundError`` at construction, before any training starts.
+Labels: a folder laid out as ``root/<class>/<file>`` (every file exactly one directory below
+the root, as ImageNet and UCF-101 are) gives label k to the k-th class name in sorted order
+(``dataset.classes``); WebDataset samples with a ``cls`` entry carry that integer. Any other
+item has label -1.
+
+Unreadable files. Training (``train=True``) skips a file that cannot be decoded: it is
+replaced by the next readable one, counted once and named in a warning, never a crash.
+Evaluation, encoding and decoding (``train=False``) never substitute: iterating the dataset
+gives exactly the readable items, in order, and ``ds[i]`` of an unreadable item raises
+``UnreadableItem``. With ``with_meta=True`` every item is a dict ``{"x", "label", "index",
+"path", "error"}`` (``x`` None and ``error`` the reason for an unreadable one) and
+``collate_items`` batches them: the readable ones are stacked, the others listed with their
+reason, so a consumer knows which file each output came from and which were dropped, across
+data-loader workers and ranks. Files are checked when they are decoded, not by a scan up
+front: a truncated JPEG passes PIL's header ``verify()`` and fails only when decoded, so a
+scan could not replace the check at load time and would double the reading. ``dataset.skipped``
+and ``dataset.skipped_files`` count and name the files skipped so far, across workers. An
+empty folder or a pattern that matches nothing raises ``FileNotFoundError`` at construction,
+before any training starts.
 
 Randomness is a pure function of a per-sample seed, so a run that resumes at sample n sees
 exactly the crops an uninterrupted run saw (``make_loader`` and ``StreamSampler``).
@@ -60,8 +75,22 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def make_dataset(source: str, resolution: int, frames: int = 1, *, frame_stride: int = 1,
-                 train: bool = True, seed: int = 0):
-    """The dataset named by ``source`` (see the module docstring), items in [-1, 1]."""
+                 train: bool = True, seed: int = 0, with_meta: bool = False):
+    """The dataset named by ``source`` (see the module docstring), items in [-1, 1].
+
+    ``with_meta=True`` (evaluation only) makes every item a dict with its label, index and
+    source path, unreadable ones included with ``x=None``; batch them with ``collate_items``.
+    """
+    if with_meta and train:
+        raise ValueError("with_meta=True is for evaluation and encoding (train=False); training "
+                         "items stay plain tensors")
+    dataset = _make_dataset(source, resolution, frames, frame_stride=frame_stride, train=train,
+                            seed=seed)
+    dataset.with_meta = with_meta
+    return dataset
+
+
+def _make_dataset(source, resolution, frames, *, frame_stride, train, seed):
     if not isinstance(resolution, int) or resolution <= 0:
         raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
     if not isinstance(frames, int) or frames <= 0:
@@ -96,15 +125,54 @@ def make_dataset(source: str, resolution: int, frames: int = 1, *, frame_stride:
                                 f"tar pattern like 'shards/{{000..099}}.tar', nor 'embedded'")
     images, videos = _scan(path, IMAGE_EXTS), _scan(path, VIDEO_EXTS)
     if frames == 1 and images:
-        return ImageFolder(images, **common)
+        return ImageFolder(images, **common, **class_labels(path, images))
     if videos:
-        return VideoClips(videos, **common)
+        return VideoClips(videos, **common, **class_labels(path, videos))
     if images:
         raise FileNotFoundError(
             f"{path} holds {len(images)} images but no videos ({', '.join(VIDEO_EXTS)}), and "
             f"clips of frames={frames} were asked for; use frames=1 or 'embedded-video'")
     raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_EXTS)}) or videos "
                             f"({', '.join(VIDEO_EXTS)}), searched recursively")
+
+
+def class_labels(root: Path, files: list[Path]) -> dict:
+    """``classes`` and per-file ``labels`` of a class-folder layout ``root/<class>/<file>``.
+
+    The layout counts only when every file lies exactly one directory below ``root``; the
+    class names are those directories (holding at least one file), sorted, and label k is
+    the k-th name, as torchvision's ImageFolder numbers ImageNet. Otherwise there are no
+    classes and every label is -1.
+    """
+    parts = [f.relative_to(root).parts for f in files]
+    if not files or any(len(p) != 2 for p in parts):
+        return {"classes": [], "labels": [-1] * len(files)}
+    classes = sorted({p[0] for p in parts})
+    number = {name: k for k, name in enumerate(classes)}
+    return {"classes": classes, "labels": [number[p[0]] for p in parts]}
+
+
+class UnreadableItem(ValueError):
+    """An evaluation item whose file cannot be decoded (it is never replaced by another)."""
+
+
+def collate_items(batch: list[dict]) -> dict:
+    """Batch ``with_meta`` items: the readable ones stacked, the unreadable ones listed.
+
+    Returns ``{"x": (B, ...) tensor or None when none was readable, "label": (B,) int64,
+    "index": (B,) int64, "path": [B names], "skipped": [(index, path, reason), ...]}``, the
+    readable items in the order they came.
+    """
+    good = [b for b in batch if b["x"] is not None]
+    return {"x": torch.stack([b["x"] for b in good]) if good else None,
+            "label": torch.tensor([b["label"] for b in good], dtype=torch.int64),
+            "index": torch.tensor([b["index"] for b in good], dtype=torch.int64),
+            "path": [b["path"] for b in good],
+            "skipped": [(b["index"], b["path"], b["error"]) for b in batch if b["x"] is None]}
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 # -- crops: one random or central box per sample, the same box for every frame of a clip ----
@@ -157,12 +225,18 @@ class _Items(Dataset):
 
     ``ds[i]`` uses a fixed seed per index; the training sampler passes ``(i, seed)`` so that
     crops change every epoch. Bad items are flagged in a shared-memory tensor so that counts
-    from data-loader workers reach the main process.
+    from data-loader workers reach the main process. Training replaces a bad item with the
+    next readable one; evaluation never does (see the module docstring).
     """
 
-    def __init__(self, n: int, resolution, frames, frame_stride, train, seed):
+    with_meta = False
+
+    def __init__(self, n: int, resolution, frames, frame_stride, train, seed,
+                 classes=(), labels=None):
         self.resolution, self.frames, self.frame_stride = resolution, frames, frame_stride
         self.train, self.seed = train, seed
+        self.classes = list(classes)
+        self.labels = list(labels) if labels is not None else [-1] * n
         self._bad = torch.zeros(n, dtype=torch.bool).share_memory_()
         self._warned: set[int] = set()
 
@@ -189,12 +263,33 @@ class _Items(Dataset):
         names = self.names()
         return [names[i] for i in torch.nonzero(self._bad).flatten().tolist()]
 
+    def _failed(self, i: int, e: Exception) -> str:
+        self._bad[i] = True
+        reason = _reason(e)
+        if i not in self._warned:
+            self._warned.add(i)
+            warnings.warn(f"skipping unreadable item {self.names()[i]}: {reason}", stacklevel=3)
+        return reason
+
+    def __iter__(self):
+        """The items in order; in evaluation, exactly the readable ones (never a substitute)."""
+        for i in range(len(self)):
+            try:
+                item = self[i]
+            except UnreadableItem:
+                continue
+            if self.with_meta and item["x"] is None:
+                continue
+            yield item
+
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, sample_seed(self.seed, 0, key))
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} items")
         index %= n
+        if not self.train:
+            return self._eval_item(index)
         for attempt in range(n):
             i = (index + attempt) % n
             if self._bad[i]:
@@ -213,6 +308,20 @@ class _Items(Dataset):
                                   f"{type(e).__name__}: {e}", stacklevel=2)
         raise RuntimeError(f"no readable item left: all {n} items failed to decode "
                            f"(first: {self.skipped_files[:3]})")
+
+    def _eval_item(self, i: int):
+        path = self.names()[i]
+        try:
+            x = self.load(i, None)
+            x = x if self.frames > 1 else x[:, 0]
+            error = None
+        except Exception as e:  # noqa: BLE001 -- any decode failure means "unreadable"
+            x, error = None, self._failed(i, e)
+            if not self.with_meta:
+                raise UnreadableItem(f"item {i} ({path}) cannot be decoded: {error}") from e
+        if not self.with_meta:
+            return x
+        return {"x": x, "label": self.labels[i], "index": i, "path": path, "error": error}
 
 
 class ImageFolder(_Items):
@@ -401,6 +510,9 @@ class TarShards(IterableDataset):
         self.rank, self.world = _rank_world()
         self.start_batches, self.batch_size = 0, 1
         self._bad = torch.zeros(len(self.shards), dtype=torch.int64).share_memory_()
+        self.classes: list[str] = []  # a ``cls`` entry is a bare integer: no class names
+
+    with_meta = False
 
     @property
     def skipped(self) -> int:
@@ -431,42 +543,53 @@ class TarShards(IterableDataset):
         # w, w + W, w + 2W, ... of those already consumed.
         done = max(0, (self.start_batches - worker + workers - 1) // workers)
         skip = done * self.batch_size
-        epoch = 0
+        epoch, position = 0, 0
         while True:
             order = list(range(len(self.shards)))
             if self.train:
                 random.Random(sample_seed(self.seed, epoch, 0, purpose=1)).shuffle(order)
             for s in order[stream::streams]:
-                for j, x in enumerate(self._read_shard(s, epoch)):
+                for item in self._read_shard(s, epoch):
+                    if self.with_meta:  # every sample, unreadable ones too, has a position
+                        item["index"], position = position, position + 1
+                    elif item["x"] is None:
+                        continue
+                    else:
+                        item = item["x"]
                     if skip:
                         skip -= 1
                         continue
-                    yield x
+                    yield item
             if not self.train:
                 return
             epoch += 1
 
     def _read_shard(self, s: int, epoch: int):
+        """``{"x", "label", "path", "error"}`` per sample, ``x`` None where unreadable."""
         exts = VIDEO_EXTS if self.frames > 1 else IMAGE_EXTS
         bad = 0
         try:
             with tarfile.open(self.shards[s]) as tar:
-                for j, (key, member) in enumerate(_samples(tar, exts)):
+                for j, (key, member, cls) in enumerate(_samples(tar, exts)):
                     rng = random.Random(sample_seed(self.seed, epoch, s * 1_000_003 + j)) \
                         if self.train else None
+                    path = f"{self.shards[s]}/{member.name}"
                     try:
+                        label = -1 if cls is None else _read_label(tar, cls)
                         data = tar.extractfile(member).read()
                         x = self._decode(data, rng)
                     except Exception as e:  # noqa: BLE001
                         bad += 1
                         if epoch == 0:
                             warnings.warn(f"skipping unreadable sample {key} in {self.shards[s]}: "
-                                          f"{type(e).__name__}: {e}", stacklevel=2)
+                                          f"{_reason(e)}", stacklevel=2)
+                        yield {"x": None, "label": -1, "path": path, "error": _reason(e)}
                         continue
-                    yield x
+                    yield {"x": x, "label": label, "path": path, "error": None}
         except (tarfile.TarError, OSError) as e:
             bad += 1
             warnings.warn(f"skipping unreadable shard {self.shards[s]}: {e}", stacklevel=2)
+            yield {"x": None, "label": -1, "path": self.shards[s], "error": _reason(e)}
         self._bad[s] = max(int(self._bad[s]), bad)
 
     def _decode(self, data: bytes, rng):
@@ -481,18 +604,38 @@ class TarShards(IterableDataset):
         return x if self.frames > 1 else x[:, 0]
 
 
+LABEL_EXTS = (".cls", ".cls.txt")  # WebDataset's class entry: the label as decimal text
+
+
 def _samples(tar: tarfile.TarFile, exts):
-    """(key, member) of the first member with one of ``exts`` in each sample of a shard."""
-    last_key = None
+    """(key, member, cls member or None) per sample of a shard that has a member with one of
+    ``exts`` (the first such); a sample is the run of consecutive members sharing a key."""
+    key, media, cls = None, None, None
     for member in tar:
         if not member.isfile():
             continue
         name = os.path.basename(member.name)
-        key = os.path.join(os.path.dirname(member.name), name.split(".", 1)[0])
+        k = os.path.join(os.path.dirname(member.name), name.split(".", 1)[0])
         ext = "." + name.split(".", 1)[1].lower() if "." in name else ""
-        if ext in exts and key != last_key:
-            last_key = key
-            yield key, member
+        if k != key:
+            if media is not None:
+                yield key, media, cls
+            key, media, cls = k, None, None
+        if ext in exts and media is None:
+            media = member
+        elif ext in LABEL_EXTS and cls is None:
+            cls = member
+    if media is not None:
+        yield key, media, cls
+
+
+def _read_label(tar: tarfile.TarFile, member) -> int:
+    text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"its {os.path.basename(member.name)} entry should hold an integer "
+                         f"class label, it holds {text[:20]!r}") from None
 
 
 def _rank_world() -> tuple[int, int]:

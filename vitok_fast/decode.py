@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vitok_fast import cli
 from vitok_fast import metrics as M
 
 
@@ -66,20 +67,22 @@ def decode_latents(model, latents: str | Path, out: str | Path, *, batch_size: i
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vitok_fast.decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.decode", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
-    p.add_argument("--latents", required=True, help="directory written by vitok_fast.encode")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-samples", type=int)
+    p.add_argument("--latents", required=True, type=cli.existing_dir,
+                   help="directory written by vitok_fast.encode")
+    p.add_argument("--out", required=True, type=cli.output_dir, help="output directory")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
+    p.add_argument("--max-samples", type=cli.positive_int)
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the mean")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of decoded videos")
-    p.add_argument("--tile", type=int, help="decode in tiles of this many pixels")
-    p.add_argument("--overlap", type=int, help="tile overlap in pixels")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    p.add_argument("--fps", type=cli.positive_float, default=8.0,
+                   help="frame rate of decoded videos")
+    p.add_argument("--tile", type=cli.positive_int, help="decode in tiles of this many pixels")
+    p.add_argument("--overlap", type=cli.nonnegative_int, help="tile overlap in pixels")
     p.add_argument("--no-kernels", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default=cli.default_device())
     args = p.parse_args(argv)
 
     from vitok_fast.evaluate import resolve_ckpt
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
 
     model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
                                   **({"use_kernels": False} if args.no_kernels else {})).eval()
+    cli.check_sizes(model.config, tile=args.tile, overlap=args.overlap)
     n = decode_latents(model, args.latents, args.out, batch_size=args.batch_size,
                        sample=args.sample, max_samples=args.max_samples, device=args.device,
                        tile=args.tile, overlap=args.overlap, fps=args.fps, seed=args.seed)
@@ -95,4 +99,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

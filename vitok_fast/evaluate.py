@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vitok_fast import cli
 from vitok_fast import metrics as M
 from vitok_fast.fileio import atomic_write
 
@@ -34,6 +35,8 @@ VIDEO_METRICS = ("psnr", "ssim", "lpips", "fvd")
 def _shard(dataset, rank: int, world: int, max_samples: int | None):
     """Items rank, rank + world, ... of the first max_samples (every rank sees distinct items)."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
+        if hasattr(dataset, "world"):  # tar shards split by rank themselves: one split only,
+            dataset.rank, dataset.world = 0, 1  # the one below, so no item is lost or doubled
         class _Strided(torch.utils.data.IterableDataset):
             def __iter__(self):
                 items = itertools.islice(dataset, max_samples)
@@ -57,7 +60,11 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     """Reconstruct every item of ``dataset`` and return the mean metrics over all ranks.
 
     ``dataset`` items are (3, H, W) images or (3, T, H, W) clips in [-1, 1] (the data
-    contract). The networks for LPIPS / FID / FVD must be given when their metric is asked.
+    contract), or the dicts of a ``with_meta`` dataset: then unreadable items are dropped,
+    never replaced, and listed in ``skipped`` ([{path, reason}], all ranks). ``num_samples``
+    counts the items actually reconstructed (a plain evaluation dataset raises
+    ``UnreadableItem`` instead). The networks for LPIPS / FID / FVD must be
+    given when their metric is asked.
     """
     video = model.config.is_video
     metrics = tuple(metrics or (VIDEO_METRICS if video else IMAGE_METRICS))
@@ -75,8 +82,12 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     if isinstance(dataset, torch.utils.data.IterableDataset):
         # several workers would each replay the whole stream: one worker keeps it exact
         num_workers = min(num_workers, 1)
+    with_meta = getattr(dataset, "with_meta", False)
+    if with_meta:
+        from vitok_fast.data import collate_items
     loader = torch.utils.data.DataLoader(_shard(dataset, rank, world, max_samples),
-                                         batch_size=batch_size, num_workers=num_workers)
+                                         batch_size=batch_size, num_workers=num_workers,
+                                         **({"collate_fn": collate_items} if with_meta else {}))
     model.eval()
     # per-frame metrics treat a (B, 3, T, H, W) clip as B*T images
     frames = (lambda u: u.transpose(1, 2).flatten(0, 1)) if video else (lambda u: u)
@@ -91,8 +102,14 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     else:
         features, dim = None, 0
     real_stats, fake_stats = M.FrechetStats(dim, device), M.FrechetStats(dim, device)
+    skipped = []
 
     for x in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0):
+        if with_meta:
+            skipped += [{"path": path, "reason": reason} for _, path, reason in x["skipped"]]
+            x = x["x"]
+            if x is None:  # every item of this batch was unreadable
+                continue
         if x.ndim != (5 if video else 4):
             raise ValueError(
                 f"expected data items {'(3, T, H, W) clips' if video else '(3, H, W) images'} for "
@@ -118,10 +135,18 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     if world > 1:
         dist.all_reduce(sums), dist.all_reduce(samples)
         real_stats.all_reduce(), fake_stats.all_reduce()
+        if with_meta:
+            parts = [None] * world
+            dist.all_gather_object(parts, skipped)
+            skipped = [s for part in parts for s in part]
     n, count = int(samples.item()), sums[3].item()
     if n == 0:
-        raise ValueError("the data set gave no items to evaluate")
+        raise ValueError("the data set gave no items to evaluate"
+                         + (f": all {len(skipped)} were unreadable, e.g. {skipped[0]['path']}: "
+                            f"{skipped[0]['reason']}" if skipped else ""))
     results = {"num_samples": n}
+    if with_meta:
+        results["skipped"] = skipped
     if "psnr" in metrics:
         results["psnr"] = sums[0].item() / count
     if "ssim" in metrics:
@@ -273,15 +298,6 @@ def evaluate_generated(args) -> dict:
     return results
 
 
-def _skipped(dataset):
-    """Unreadable files the data pipeline skipped (it counts them), or None if it does not say."""
-    for name in ("skipped", "num_skipped", "skipped_count"):
-        value = getattr(dataset, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def format_table(results: dict) -> str:
     keys = [k for k in ("rfid", "rfvd", "psnr", "ssim", "lpips") if k in results]
     head = " | ".join(f"{k.upper():>8}" for k in keys)
@@ -290,8 +306,8 @@ def format_table(results: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="directory written by ViTok.save_pretrained")
     p.add_argument("--data", help="any source vitok_fast.data.make_dataset reads")
     p.add_argument("--generated", help="instead of --ckpt/--data: gFID and gIS of the samples in "
@@ -299,24 +315,43 @@ def parse_args(argv=None):
     p.add_argument("--ref-stats", help="with --generated: an .npz with mu and sigma (ADM's "
                    "reference batches hold them), or a folder / .npz of real images")
     p.add_argument("--stats-out", help="with --generated: write the samples' mu and sigma here")
-    p.add_argument("--resolution", type=int, help="centre-crop size (default 256 images, 128 videos)")
-    p.add_argument("--frames", type=int, help="frames per clip for video models (default 16)")
+    p.add_argument("--resolution", type=cli.positive_int,
+                   help="centre-crop size (default 256 images, 128 videos)")
+    p.add_argument("--frames", type=cli.positive_int,
+                   help="frames per clip for video models (default 16)")
     p.add_argument("--metrics", help=f"comma-separated subset (images: {','.join(IMAGE_METRICS)}; "
                                      f"videos: {','.join(VIDEO_METRICS)}); default all")
     p.add_argument("--inception", help=f"FID Inception weights ({M.INCEPTION_FILE})")
     p.add_argument("--i3d", help=f"FVD I3D weights ({M.I3D_FILE})")
     p.add_argument("--lpips-vgg", help="VGG16 weights for LPIPS (vgg16-397923af.pth)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--max-samples", type=int, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16)
+    p.add_argument("--num-workers", type=cli.nonnegative_int, default=2)
+    p.add_argument("--max-samples", type=cli.positive_int, help="evaluate only the first N items")
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the mean")
-    p.add_argument("--tile", type=int, help="encode/decode in tiles of this many pixels")
-    p.add_argument("--overlap", type=int, help="tile overlap in pixels (default tile/4)")
+    p.add_argument("--tile", type=cli.positive_int,
+                   help="encode/decode in tiles of this many pixels")
+    p.add_argument("--overlap", type=cli.nonnegative_int,
+                   help="tile overlap in pixels (default tile/4)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
     p.add_argument("--no-kernels", action="store_true", help="plain PyTorch ops instead of Triton")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json)")
+    p.add_argument("--device", type=cli.device, default=cli.default_device())
+    p.add_argument("--out", type=cli.output_file,
+                   help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json)")
     return p.parse_args(argv)
+
+
+def parse_metrics(text: str | None, video: bool, name: str) -> tuple[str, ...]:
+    """``--metrics`` as a tuple, every name checked against what the model's kind allows."""
+    allowed = VIDEO_METRICS if video else IMAGE_METRICS
+    if not text:
+        return allowed
+    metrics = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in metrics if m not in allowed]
+    if unknown or not metrics:
+        raise cli.UserError(f"--metrics {text}: expected a comma-separated subset of "
+                            f"{','.join(allowed)} for the {'video' if video else 'image'} model "
+                            f"{name}, got {','.join(unknown) or 'none'}")
+    return metrics
 
 
 def main(argv=None) -> dict:
@@ -344,8 +379,11 @@ def main(argv=None) -> dict:
     model = ViTok.from_pretrained(ckpt, device=device, **overrides)
     cfg = model.config
     video = cfg.is_video
-    metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else (
-        VIDEO_METRICS if video else IMAGE_METRICS)
+    metrics = parse_metrics(args.metrics, video, cfg.name)
+    resolution = args.resolution or (128 if video else 256)
+    frames = args.frames or (16 if video else 1)
+    cli.check_sizes(cfg, resolution=resolution, frames=args.frames,
+                    tile=args.tile, overlap=args.overlap)
     # every weight file is checked before the first batch, not after an hour of features
     inception = M.load_inception(args.inception, device) if "fid" in metrics else None
     i3d = M.load_i3d(args.i3d, device) if "fvd" in metrics else None
@@ -353,9 +391,8 @@ def main(argv=None) -> dict:
                              without="or leave LPIPS out with --metrics (e.g. psnr,ssim)"
                              ) if "lpips" in metrics else None
 
-    resolution = args.resolution or (128 if video else 256)
-    frames = args.frames or (16 if video else 1)
-    dataset = make_dataset(args.data, resolution, frames, train=False)
+    with cli.option("--data", args.data):
+        dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
     start = time.time()
     results = evaluate(model, dataset, metrics=metrics, batch_size=args.batch_size, device=device,
                        lpips_model=lpips_model, inception=inception, i3d=i3d,
@@ -366,7 +403,7 @@ def main(argv=None) -> dict:
         "ckpt": str(ckpt), "model": cfg.name, "channels": cfg.channels, "data": args.data,
         "resolution": resolution, "frames": frames, "E": cfg.E(frames, resolution, resolution),
         "sample": args.sample, "dtype": args.dtype, "tile": args.tile, **results,
-        "skipped_files": _skipped(dataset),
+        "skipped_files": len(results["skipped"]),  # each listed with its reason in "skipped"
         "seconds": round(time.time() - start, 2),
         "protocol": {
             "quantized_uint8": True,
@@ -390,4 +427,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -3,7 +3,7 @@
 Both models are built on the meta device (no memory, no arithmetic) and run under
 ``torch.utils.flop_counter.FlopCounterMode``; on meta, ``scaled_dot_product_attention``
 decomposes into the two batched matmuls it does, so attention is counted too. The counter
-reports FLOPs = 2 x MACs; the paper's "GFLOPs" are MACs (SPEC.md section 4), so we keep MACs
+reports FLOPs = 2 x MACs; the paper's "GFLOPs" are MACs (docs/design.md section 4), so we keep MACs
 and label FLOPs separately.
 """
 
@@ -105,7 +105,7 @@ def paper_figures(config: ViTokConfig, resolution: int, frames: int) -> dict:
         "total": PAPER_TOTALS.get((name, resolution, frames)) if config.channels == 16 else None,
     }
     if parts["total"] is None and parts["encoder"] and parts["decoder"]:
-        # [paper] SPEC.md section 1: the encoder's and decoder's Table 1 rows add up.
+        # [paper] docs/design.md section 1: the encoder's and decoder's Table 1 rows add up.
         parts["total"] = (round(parts["encoder"][0] + parts["decoder"][0], 1),
                           round(parts["encoder"][1] + parts["decoder"][1], 1))
     return {part: None if fig is None else {"params_m": fig[0], "gmacs": fig[1]}

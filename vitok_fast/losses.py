@@ -1,4 +1,4 @@
-"""Training losses of both stages (SPEC.md section 2) and the PSNR shown while training.
+"""Training losses of both stages (docs/design.md section 2) and the PSNR shown while training.
 
 Stage 1 [paper, Section 2.3]: ``MSE + eta * LPIPS + beta * KL`` with eta = 1, beta = 1e-3.
 Stage 2 adds a GAN term for the decoder: hinge loss for the discriminator and ``-D(fake)``

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitok_fast import cli
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 I3D_FILE = "i3d_pretrained_400.pt"
 
@@ -170,6 +172,13 @@ def _missing_weight(what: str, file: str, given, flag: str) -> FileNotFoundError
         f"or leave the metric out with --metrics.")
 
 
+def _unreadable_weight(what: str, file: str, given, flag: str, error: Exception) -> ValueError:
+    return ValueError(
+        f"{flag} {given}: cannot load it as the {what} weights {file} "
+        f"({type(error).__name__}: {cli.first_sentence(error)}); "
+        f"the file is truncated, corrupt or another network's; copy {file} again")
+
+
 def load_inception(path: str | os.PathLike | None, device="cpu",
                    features: tuple[str, ...] = ("2048",)) -> nn.Module:
     """torch-fidelity's FID Inception-v3 (2048-d pool features) from a weights file.
@@ -184,8 +193,11 @@ def load_inception(path: str | os.PathLike | None, device="cpu",
 
     if path is None or not Path(path).is_file():
         raise _missing_weight("FID", INCEPTION_FILE, path, "--inception")
-    model = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
-                                        feature_extractor_weights_path=str(path))
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
+                                            feature_extractor_weights_path=str(path))
+    except Exception as e:  # torch-fidelity parses the file itself: any failure means a bad file
+        raise _unreadable_weight("FID Inception", INCEPTION_FILE, path, "--inception", e) from e
     return model.to(device)
 
 
@@ -314,12 +326,16 @@ def load_i3d(path: str | os.PathLike | None, device="cpu") -> I3D:
     """The FVD network from ``i3d_pretrained_400.pt`` (a state dict of the port above)."""
     if path is None or not Path(path).is_file():
         raise _missing_weight("FVD", I3D_FILE, path, "--i3d")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many classes
+        raise _unreadable_weight("FVD I3D", I3D_FILE, path, "--i3d", e) from e
     model = I3D()
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not an I3D state dict in the layout of {I3D_FILE}: {e}") from None
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"--i3d {path} is not an I3D state dict in the layout of {I3D_FILE}: "
+                         f"{str(e).splitlines()[0]}") from None
     model.requires_grad_(False)
     return model.eval().to(device)
 

@@ -1,7 +1,7 @@
 """ViTok: a Vision-Transformer image and video autoencoder built from Llama blocks.
 
-Reads top to bottom like the paper's Figure 1 (arXiv 2501.09755, Section 2; SPEC.md
-section 1): tubelet embed -> encoder blocks -> KL bottleneck -> linear "upsample" ->
+Reads top to bottom like the paper's Figure 1 (arXiv 2501.09755, Section 2;
+docs/design.md section 1): tubelet embed -> encoder blocks -> KL bottleneck -> linear "upsample" ->
 decoder blocks -> head + unpatchify.
 """
 
@@ -18,7 +18,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from vitok_fast import ops
-from vitok_fast.attention import attention, check_backend
+from vitok_fast.attention import DEFAULT_BACKEND, attention, validate_backend
 from vitok_fast.config import ViTokConfig
 from vitok_fast.fileio import atomic_write
 from vitok_fast.kernels import rope_cos_sin
@@ -46,16 +46,16 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Bidirectional multi-head self-attention with 3D RoPE on q and k, no biases.
 
-    ``backend`` picks the attention kernel (vitok_fast/attention.py; "auto": the fastest
-    measured on CUDA, plain SDPA on the CPU)."""
+    ``backend`` picks the attention kernel (vitok_fast/attention.py; default "sdpa":
+    PyTorch's own choice; "auto": the fastest that passes a forward+backward check on CUDA)."""
 
-    def __init__(self, dim: int, heads: int, use_kernels: bool, backend: str = "auto"):
+    def __init__(self, dim: int, heads: int, use_kernels: bool, backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.use_kernels = use_kernels
-        self.backend = check_backend(backend)
+        self.backend = validate_backend(backend)
 
     def forward(self, x, cos, sin):
         B, N, D = x.shape
@@ -89,7 +89,7 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, eps: float, use_kernels: bool,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps, use_kernels)
         self.attn = Attention(dim, heads, use_kernels, attention_backend)
@@ -114,7 +114,7 @@ class Transformer(nn.Module):
     """A stack of Llama blocks and a final RMSNorm; builds its RoPE tables from the grid."""
 
     def __init__(self, dim, depth, heads, mlp_hidden, eps, theta, use_kernels,
-                 attention_backend="auto"):
+                 attention_backend=DEFAULT_BACKEND):
         super().__init__()
         self.head_dim = dim // heads
         self.theta = theta
@@ -238,9 +238,18 @@ class ViTok(nn.Module):
     # -- the autoencoder ------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor, tile=None, overlap=None) -> DiagonalGaussian:
-        """``tile``/``overlap`` (pixels; (frames, h, w) for videos) encode big inputs in
-        overlapping pieces blended across the seams: see vitok_fast/tiling.py."""
+        """Pixels (B, 3, H, W) or (B, 3, T, H, W) in [-1, 1] -> the posterior over latents.
+
+        ``x`` must have the model's dtype (float32 unless the model was cast), or any of
+        float32 / bfloat16 / float16 inside ``torch.autocast``; anything else (float64 for a
+        float32 model, integer pixels) is refused here, before any kernel runs. Values are not checked (that would cost a
+        device sync per call): a NaN or inf anywhere in a sample makes that sample's whole
+        latent NaN, since attention mixes every token with every other; the other samples
+        of the batch are unaffected. ``tile``/``overlap`` (pixels; (frames, h, w) for
+        videos) encode big inputs in overlapping pieces blended across the seams: see
+        vitok_fast/tiling.py."""
         if tile is not None:
+            self._check_dtype(x, "pixels")
             from vitok_fast.tiling import tiled_encode
             return tiled_encode(self, x, tile, overlap)
         self._check_pixels(x)
@@ -254,7 +263,12 @@ class ViTok(nn.Module):
         return DiagonalGaussian(to_latent(mean), to_latent(logvar))
 
     def decode(self, z: torch.Tensor, tile=None, overlap=None) -> torch.Tensor:
+        """Latents (B, c, H/p, W/p) or (B, c, T/q, H/p, W/p) -> pixels, roughly in [-1, 1].
+
+        The same dtype rule as :meth:`encode`; a NaN or inf in a sample's latent makes that
+        sample's whole output NaN, the rest of the batch is unaffected."""
         if tile is not None:
+            self._check_dtype(z, "latent")
             from vitok_fast.tiling import tiled_decode
             return tiled_decode(self, z, tile, overlap)
         self._check_latent(z)
@@ -271,6 +285,24 @@ class ViTok(nn.Module):
 
     # -- input checks, at the edge, before any kernel runs ---------------------------------
 
+    def _check_dtype(self, x, what: str) -> None:
+        """Floating point, and the model's dtype unless autocast picks the matmul dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of {what}, got {type(x).__name__}")
+        dtype = next(self.parameters()).dtype
+        if not x.is_floating_point():
+            expected = ("floating-point pixels in [-1, 1]" if what == "pixels"
+                        else "a floating-point latent")
+            hint = "; convert with x.float() / 127.5 - 1" if what == "pixels" else ""
+            raise TypeError(f"expected {expected}, got dtype {x.dtype} (the model's dtype is "
+                            f"{dtype}){hint}")
+        # autocast casts each matmul's inputs itself, so it takes any of the three; a float64
+        # model (reference maths in tests) takes float64, and no other model does
+        if x.dtype != dtype and not (x.dtype in _AUTOCAST_INPUTS and _autocast_on(x.device)):
+            raise TypeError(
+                f"expected {what} in the model's dtype {dtype} (or float32, bfloat16 or float16 "
+                f"inside torch.autocast), got dtype {x.dtype}; convert with x.to({dtype})")
+
     def _check_pixels(self, x) -> None:
         cfg = self.config
         if not isinstance(x, torch.Tensor):
@@ -279,10 +311,7 @@ class ViTok(nn.Module):
             raise ValueError(
                 f"expected images (B, {cfg.in_channels}, H, W) or videos "
                 f"(B, {cfg.in_channels}, T, H, W), got a {x.ndim}-d tensor of shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"expected floating-point pixels in [-1, 1] (float32, bfloat16 or float16), "
-                f"got dtype {x.dtype}; convert with x.float() / 127.5 - 1")
+        self._check_dtype(x, "pixels")
         if x.shape[0] == 0:
             raise ValueError(f"expected a batch of at least 1, got an empty batch of shape {tuple(x.shape)}")
         if x.shape[1] != cfg.in_channels:
@@ -312,8 +341,7 @@ class ViTok(nn.Module):
             raise ValueError(
                 f"expected latents (B, {c}, H', W') or (B, {c}, T', H', W'), got a {z.ndim}-d "
                 f"tensor of shape {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"expected a floating-point latent, got dtype {z.dtype}")
+        self._check_dtype(z, "latent")
         if z.shape[0] == 0 or 0 in z.shape[2:]:
             raise ValueError(f"expected a non-empty latent, got shape {tuple(z.shape)}")
         if z.shape[1] != c:
@@ -334,16 +362,39 @@ class ViTok(nn.Module):
         atomic_write(directory / CONFIG_FILE,
                       lambda path: Path(path).write_text(self.config.to_json() + "\n"))
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str = "Upload ViTok",
+                    create_pr: bool = False):
+        """Upload ``config.json`` and ``model.safetensors`` to the Hub repo ``repo_id`` (created
+        if missing) in one commit, through huggingface_hub's upload API: vitok_fast/hub.py."""
+        from vitok_fast.hub import push_to_hub
+        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message, create_pr=create_pr)
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", **overrides) -> "ViTok":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None,
+                        torch_dtype: torch.dtype | None = None, device=None,
+                        **overrides) -> "ViTok":
         """Load a model saved by :meth:`save_pretrained`, with strict key and shape checks.
 
-        ``overrides`` set run-time config fields such as ``use_kernels``.
+        ``name_or_path`` is a local folder or a Hub id ``namespace/name``; a Hub id is
+        fetched at ``revision`` (branch, tag or commit) into ``cache_dir`` by huggingface_hub,
+        or read from that cache when offline (vitok_fast/hub.py). ``torch_dtype`` casts the
+        weights (e.g. ``torch.bfloat16``); ``device`` defaults to the CPU. ``overrides`` set
+        run-time config fields such as ``use_kernels``.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from vitok_fast.hub import resolve_checkpoint
+
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype)
+                                            and torch_dtype.is_floating_point):
+            raise ValueError(f"torch_dtype must be a floating-point torch.dtype such as "
+                             f"torch.bfloat16, got {torch_dtype!r}")
+        device = "cpu" if device is None else device
+        directory = resolve_checkpoint(name_or_path, revision, cache_dir)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
@@ -361,11 +412,23 @@ class ViTok(nn.Module):
             raise ValueError(
                 f"{weights_path} is not a readable safetensors file (truncated or corrupt?): {e}"
             ) from None
+        if torch_dtype is not None:
+            state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
         with torch.device("meta"):
             model = cls(config)
         _check_state(model.state_dict(), state, config_path, weights_path)
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device)
+
+
+_AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device autocast does not know (meta, for FLOP counting)
+        return False
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -3,33 +3,36 @@
 Each op takes ``use_kernels``: when True, the tensor is fp32, bf16 or fp16, and Triton can run
 on its device (CUDA, or the CPU under ``TRITON_INTERPRET=1``), the fused kernel runs;
 otherwise the plain-PyTorch reference does. The reference path is what every kernel is
-checked against.
+checked against. Where Triton is not installed at all, ``use_kernels=True`` means the
+reference, and the first op to fall back says so in one warning per process.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+import warnings
 
 import torch
 
 from vitok_fast import kernels as K
 
-
-@functools.lru_cache(maxsize=None)
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+_warned_no_triton = False
 
 
 def triton_can_run(t: torch.Tensor) -> bool:
     """True where a Triton kernel can run on ``t``'s device."""
-    if not _has_triton():
+    if not K.HAS_TRITON:
         return False
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _no_triton_warning() -> None:
+    global _warned_no_triton
+    if not _warned_no_triton:
+        _warned_no_triton = True
+        warnings.warn("use_kernels=True but Triton is not installed: running the plain-PyTorch "
+                      "reference ops (same results, slower); pip install triton for the fused "
+                      "kernels, or pass use_kernels=False to silence this", stacklevel=3)
 
 
 # The kernels compute in fp32 and serve the training dtypes; a float64 model (used by
@@ -39,6 +42,9 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fused(use_kernels: bool, t: torch.Tensor) -> bool:
+    if use_kernels and not K.HAS_TRITON:
+        _no_triton_warning()
+        return False
     return use_kernels and t.dtype in _KERNEL_DTYPES and triton_can_run(t)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from vitok_fast import cli
+
 # torchvision's file name for the ImageNet VGG16 weights (VGG16_Weights.IMAGENET1K_V1).
 VGG16_FILE = "vgg16-397923af.pth"
 # lpips' vgg16 wrapper cuts torchvision's `features` into five slices at these indices.
@@ -55,8 +57,16 @@ def load_lpips(vgg_path: str | os.PathLike | None = None, pretrained_backbone: b
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if pretrained_backbone:
-        state = torch.load(find_vgg16(vgg_path, without), map_location="cpu", weights_only=True)
-        model.net.load_state_dict(_vgg_to_lpips(state), strict=True)
+        path = find_vgg16(vgg_path, without)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.net.load_state_dict(_vgg_to_lpips(state), strict=True)
+        except Exception as e:  # unpickling and key errors come in many classes
+            raise ValueError(
+                f"--lpips-vgg {path}: cannot load it as the VGG16 weights {VGG16_FILE} "
+                f"({type(e).__name__}: {cli.first_sentence(e)}); the file is "
+                f"truncated, corrupt or another network's; copy {VGG16_FILE} again, {without}"
+            ) from e
     model.requires_grad_(False)
     return model.eval().to(device)
 

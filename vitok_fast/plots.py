@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vitok_fast import cli  # noqa: E402
+
 SWEEP_METRICS = ("rfid", "rfvd", "psnr", "ssim", "lpips")
 _LOWER_IS_BETTER = {"rfid", "rfvd", "lpips"}
 
@@ -154,24 +156,24 @@ def _save(fig, path) -> Path:
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m vitok_fast.plots", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.plots", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grid", help="inputs next to reconstructions")
     g.add_argument("--ckpt", required=True)
     g.add_argument("--data", required=True)
-    g.add_argument("--resolution", type=int, default=256)
-    g.add_argument("--n", type=int, default=4, help="number of images")
+    g.add_argument("--resolution", type=cli.positive_int, default=256)
+    g.add_argument("--n", type=cli.positive_int, default=4, help="number of images")
     g.add_argument("--no-kernels", action="store_true")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", type=cli.device, default=cli.default_device())
     s = sub.add_parser("sweep", help="metric vs bottleneck size E")
-    s.add_argument("jsons", nargs="+")
+    s.add_argument("jsons", nargs="+", type=cli.existing_file)
     s.add_argument("--metrics", help="comma-separated, default all present")
     c = sub.add_parser("curves", help="training curves from a run's log")
-    c.add_argument("log")
+    c.add_argument("log", type=cli.existing_file)
     c.add_argument("--keys", help="comma-separated, default all numeric columns")
     for q in (g, s, c):
-        q.add_argument("--out", required=True, help="PNG file to write")
+        q.add_argument("--out", required=True, type=cli.output_file, help="PNG file to write")
     args = p.parse_args(argv)
 
     if args.command == "sweep":
@@ -187,7 +189,9 @@ def main(argv=None) -> Path:
                                   **({"use_kernels": False} if args.no_kernels else {})).eval()
     if model.config.is_video:
         raise ValueError(f"the grid plot shows images; {model.config.name} is a video model")
-    dataset = make_dataset(args.data, args.resolution, 1, train=False)
+    cli.check_sizes(model.config, resolution=args.resolution)
+    with cli.option("--data", args.data):
+        dataset = make_dataset(args.data, args.resolution, 1, train=False)
     items = []
     for x in dataset:
         items.append(x)
@@ -198,4 +202,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    print(main())
+    print(cli.run(main))

@@ -1,18 +1,21 @@
 """What train/stage1.py and train/stage2.py share: arguments, optimizer and schedule, the
-non-finite guard, EMA, throughput and MFU, held-out evaluation, logging. The loops
-themselves stay in the scripts, where a reader can see them.
+non-finite guard, EMA, throughput and MFU, held-out evaluation, logging, stopping on a
+signal. The loops themselves stay in the scripts, where a reader can see them.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import math
 import os
 import random
-import subprocess
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vitok_fast import attention
+from vitok_fast import attention, cli
+from vitok_fast import distributed as D
 from vitok_fast.config import ViTokConfig
 from vitok_fast.fileio import atomic_write
 from vitok_fast.losses import psnr
@@ -29,39 +33,44 @@ from vitok_fast.losses import psnr
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Arguments both stages take. Defaults are the paper's (SPEC.md section 2) for
-    ViTok S-B/16 at 256p on the embedded photos; ``--smoke`` swaps in a CPU-sized run."""
+    """Arguments both stages take, each checked as it is parsed (vitok_fast/cli.py). Defaults
+    are the paper's (docs/design.md section 2) for ViTok S-B/16 at 256p; ``--data`` has no default
+    outside ``--smoke``, which swaps in a CPU-sized run on the embedded photos."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="S-B/16", help="paper-style name, e.g. S-B/16, S-L/16, S-B/4x8")
-    g.add_argument("--channels", type=int, default=16, help="bottleneck channels c [paper: 16]")
-    g.add_argument("--resolution", type=int, default=256)
-    g.add_argument("--frames", type=int, default=None,
+    g.add_argument("--channels", type=cli.positive_int, default=16,
+                   help="bottleneck channels c [paper: 16]")
+    g.add_argument("--resolution", type=cli.positive_int, default=None,
+                   help="crop size (default: the paper's 256 for image models, 128 for video models)")
+    g.add_argument("--frames", type=cli.positive_int, default=None,
                    help="frames per clip (default: 1 for image models, 16 for video models)")
-    g.add_argument("--frame-stride", type=int, default=1)
+    g.add_argument("--frame-stride", type=cli.positive_int, default=1)
     g.add_argument("--data", default=None, help="folder, video file, 'shards/{000..099}.tar', "
-                   "'embedded' (photos shipped with scikit-image) or 'embedded-video' "
-                   "(default: embedded / embedded-video)")
+                   "'embedded' (the 15 photos shipped with scikit-image) or 'embedded-video'; "
+                   "required unless --smoke (which uses embedded / embedded-video)")
     g.add_argument("--val-data", default=None, help="held-out data for the PSNR and image grids "
-                   "(default: the embedded held-out photos for embedded data, else none)")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loader workers per rank")
+                   "(default: the embedded held-out photos for embedded data, else none; "
+                   "'' for none)")
+    g.add_argument("--num-workers", type=cli.nonnegative_int, default=4,
+                   help="data-loader workers per rank")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--global-batch-size", type=int, default=None,
+    g.add_argument("--global-batch-size", type=cli.positive_int, default=None,
                    help="images (or clips) per optimizer step over all ranks")
-    g.add_argument("--micro-batch-size", type=int, default=32,
+    g.add_argument("--micro-batch-size", type=cli.positive_int, default=32,
                    help="per rank and forward pass; the rest is gradient accumulation")
-    g.add_argument("--max-steps", type=int, default=100_000)
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--max-steps", type=cli.positive_int, default=100_000)
+    g.add_argument("--lr", type=cli.positive_float, default=None,
                    help="peak lr (default: 1e-4 * global batch * frames / 256)")
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--warmup-frac", type=float, default=0.03)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--lpips-weight", type=float, default=1.0, help="eta [paper: 1.0]")
+    g.add_argument("--min-lr", type=cli.nonnegative_float, default=1e-5)
+    g.add_argument("--warmup-frac", type=cli.fraction, default=0.03)
+    g.add_argument("--weight-decay", type=cli.nonnegative_float, default=1e-4)
+    g.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
+    g.add_argument("--lpips-weight", type=cli.nonnegative_float, default=1.0, help="eta [paper: 1.0]")
     g.add_argument("--lpips-vgg", default=None, help="VGG16 weights for LPIPS "
                    "(default: torchvision's cache); 'random' = random backbone, smoke/tests only")
-    g.add_argument("--max-nonfinite", type=int, default=10,
+    g.add_argument("--max-nonfinite", type=cli.positive_int, default=10,
                    help="stop after this many non-finite steps in a row")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=cli.nonnegative_int, default=0)
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -69,19 +78,25 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--no-kernels", action="store_true", help="plain-PyTorch ops instead of the "
                    "fused Triton kernels")
+    g.add_argument("--attention-backend", choices=attention.BACKENDS, default=attention.DEFAULT_BACKEND,
+                   help="attention kernel (docs/attention.md): 'sdpa' = PyTorch's choice; 'auto' "
+                   "checks and times the CUDA kernels once per shape, the same choice on every rank")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--device", type=cli.device, default=None,
+                   help="cuda or cpu (default: cuda if available)")
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default=None, help="run directory (default: runs/<stage>-<model>)")
+    g.add_argument("--out-dir", type=cli.output_dir, default=None,
+                   help="run directory (default: runs/<stage>-<model>)")
     g.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in --out-dir if "
                    "any), a checkpoint directory, or '' to start fresh")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    g.add_argument("--save-every", type=int, default=2000)
-    g.add_argument("--eval-every", type=int, default=1000)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--val-images", type=int, default=8)
-    g.add_argument("--bench-out", default=None, help="write throughput (images/s, MFU) as JSON "
-                   "here at the end of the run")
+    g.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
+    g.add_argument("--save-every", type=cli.positive_int, default=2000)
+    g.add_argument("--eval-every", type=cli.positive_int, default=1000)
+    g.add_argument("--log-every", type=cli.positive_int, default=10)
+    g.add_argument("--val-images", type=cli.positive_int, default=8,
+                   help="held-out samples per evaluation (--val-data '' for none)")
+    g.add_argument("--bench-out", type=cli.output_file, default=None,
+                   help="write throughput (images/s, MFU) as JSON here at the end of the run")
     g.add_argument("--smoke", action="store_true",
                    help="a CPU-sized run: T-T/8 at 32px, batch 8, 30 steps, embedded data, "
                    "random LPIPS backbone unless --lpips-vgg is given")
@@ -95,18 +110,29 @@ SMOKE = dict(model="T-T/8", resolution=32, global_batch_size=8, micro_batch_size
 
 def finalize_args(args, parser, stage: str) -> argparse.Namespace:
     """Apply ``--smoke`` (only to options the user left at their defaults) and the defaults
-    that depend on the model (frames, batch sizes, data)."""
+    that depend on the model (frames, resolution, batch sizes); check the sizes against the
+    model and that there is ``--data``, all before any work starts."""
     if args.smoke:
         for key, value in SMOKE.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
         if args.lpips_vgg is None:
             args.lpips_vgg = "random"
-    config = ViTokConfig.from_name(args.model, channels=args.channels)
+    try:
+        config = ViTokConfig.from_name(args.model, channels=args.channels)
+    except ValueError as e:
+        parser.error(f"argument --model: {e}")
     video = config.is_video
     if args.frames is None:
         args.frames = 16 if video else 1
+    if args.resolution is None:  # [paper] 256p images, 128p videos (as evaluate and encode)
+        args.resolution = 128 if video else 256
+    cli.check_sizes(config, resolution=args.resolution, frames=args.frames)
     if args.data is None:
+        if not args.smoke:
+            parser.error("argument --data is required (a folder, a video file, "
+                         "'shards/{000..099}.tar', or 'embedded' for the 15 photos shipped with "
+                         "scikit-image; --smoke uses those)")
         args.data = "embedded-video" if video else "embedded"
     if args.val_data is None and args.data in ("embedded", "embedded-video"):
         args.val_data = args.data + ":val"
@@ -115,9 +141,6 @@ def finalize_args(args, parser, stage: str) -> argparse.Namespace:
                                   ("stage2", False): 256, ("stage2", True): 128}[stage, video]
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{stage}-{args.model.replace('/', '_')}")
-    for key in ("resolution", "micro_batch_size", "max_steps", "global_batch_size"):
-        if getattr(args, key) <= 0:
-            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     return args
 
 
@@ -131,6 +154,22 @@ def resume_differences(saved: dict, args) -> list[str]:
     """Arguments whose change since the checkpoint breaks an exact resume, as ``a -> b``."""
     return [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in _RESUME_EXACT
             if k in saved and saved[k] != getattr(args, k)]
+
+
+def check_resume_model(checkpoint: Path, config: ViTokConfig, asked: str) -> None:
+    """A checkpoint of another model (size, channels, patch, ...) cannot be resumed into this
+    run: say which config fields differ and how to get on, before any weight is loaded.
+    ``asked`` says where this run's model comes from (``--model S-B/16 --channels 16``)."""
+    from vitok_fast.model import CONFIG_FILE
+
+    saved = ViTokConfig.from_dict(json.loads((Path(checkpoint) / CONFIG_FILE).read_text()))
+    changed = saved.differences(config)
+    if changed:
+        raise cli.UserError(
+            f"cannot resume from {checkpoint}: it holds {saved.name} with {saved.channels} "
+            f"channels, this run asks for {config.name} with {config.channels} ({asked}); "
+            f"differing config fields: {'; '.join(changed)}. Use the run's own settings, "
+            f"another --out-dir, or --resume '' to start fresh in this one")
 
 
 def restore_run_state(state: dict, args, guard: "NonFiniteGuard", rank: int, main_rank: bool) -> int:
@@ -171,9 +210,11 @@ def build_lpips(args, device):
 
 def tune_attention(model: nn.Module, args, device: torch.device, dtype: torch.dtype,
                    main_rank: bool):
-    """On CUDA, time the attention backends once for this run's shapes (``"auto"``), before
-    compiled blocks are traced, on a random batch so the data stream is untouched; rank 0
-    prints the choices. Nothing to do on the CPU (``"auto"`` is plain SDPA there)."""
+    """With ``--attention-backend auto`` on CUDA: check and time the attention backends once
+    for this run's shapes, before compiled blocks are traced, on a random batch so the data
+    stream is untouched. Every rank calls it (rank 0 chooses and broadcasts each shape's
+    kernel: the same on every rank); rank 0 prints the choices. Nothing to do for a pinned
+    backend or on the CPU (``"auto"`` is plain SDPA there)."""
     if device.type != "cuda" or model.config.attention_backend != "auto":
         return
     size = (args.resolution,) * 2 if args.frames == 1 else (args.frames, *(args.resolution,) * 2)
@@ -183,6 +224,144 @@ def tune_attention(model: nn.Module, args, device: torch.device, dtype: torch.dt
         choices = attention.tune(model, x)
     if main_rank:
         print(f"attention backends: {({k: v['backend'] for k, v in choices.items()})}")
+
+
+# -- stopping on a signal -----------------------------------------------------------------
+
+
+class StopOnSignal:
+    """Preemption-safe training. Once :meth:`arm` has been called, SIGINT (Ctrl-C), SIGTERM
+    (kill, a scheduler's preemption) and SIGUSR1 (SLURM's warning before the time limit) only
+    set a flag; the loop finishes its step, saves a checkpoint through its usual path and
+    calls :meth:`exit`, which prints the command that resumes and exits with 128 + the
+    signal's number: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1 (Linux numbering).
+    A second SIGINT exits at once (status 130) without saving: the last checkpoint stays.
+
+        def main(argv=None):
+            with StopOnSignal() as stop:      # restores the previous handlers on the way out
+                return train(argv, stop)
+
+        def train(argv, stop):
+            ...set-up: process group, model, checkpoint...
+            stop.arm()                        # before the data-loader workers fork: they
+            batches = iter(loader)            # inherit the handlers and keep serving
+            while step < max_steps:
+                ...one step...
+                if stop.agreed(device):       # every rank, every step
+                    break
+            if stop.stopped and step < max_steps:
+                save the checkpoint of ``step`` unless this step just saved one
+                stop.exit(step, ckpt_dir, resume_command(__file__, argv, ckpt_dir), main_rank)
+
+    Before :meth:`arm` the signals keep their usual effect, so that a job stuck in set-up
+    (a rendezvous, a slow file system) still dies at once. Under torchrun a signal may reach
+    one rank only, or reach ranks in different steps; :meth:`agreed` all-reduces the flag
+    (one 4-byte MAX per step) so that every rank stops after the same step. Outside the main
+    thread (no signal handlers there) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum: int | None = None  # the first signal this process got
+        self.stopped_by: int | None = None  # the signal every rank agreed to stop on
+        self.interrupts = 0
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        return self
+
+    def arm(self) -> None:
+        """From now on a signal stops the run after the current step."""
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        # os.write, not print: the handler may interrupt a print on the same stream, and a
+        # buffered stream refuses to be re-entered.
+        loud = os.environ.get("RANK", "0") == "0"
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                if loud:
+                    os.write(2, b"\nsecond SIGINT: exiting now, without a checkpoint (the last "
+                                b"saved one stays)\n")
+                os._exit(128 + signal.SIGINT)
+        if self.signum is None:
+            self.signum = signum
+            if loud:
+                os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving "
+                            f"a checkpoint (Ctrl-C again to exit at once)\n".encode())
+
+    @property
+    def requested(self) -> bool:
+        """A signal reached this process (this rank only: see :meth:`agreed`)."""
+        return self.signum is not None
+
+    @property
+    def stopped(self) -> bool:
+        """:meth:`agreed` said stop: true on every rank after the same step."""
+        return self.stopped_by is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.stopped_by or self.signum)
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank had been signalled when it got here (a collective:
+        every rank calls it at the same point of each step). The flag is read once: a signal
+        that lands during the all-reduce counts at the next step, on every rank alike. The
+        exit code follows the largest signal number."""
+        import torch.distributed as dist
+
+        signum = self.signum or 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([signum], dtype=torch.int32, device=device)
+            signum = int(D.all_max(flag).item())
+        if signum:
+            self.stopped_by = signum
+        return bool(signum)
+
+    def exit(self, step: int, checkpoint, command: str, main_rank: bool = True):
+        """Say where the run stopped and how to continue it; exit with 128 + signal."""
+        if main_rank:
+            print(f"stopped by {signal.Signals(self.stopped_by).name} after step {step}: "
+                  f"checkpoint {checkpoint}\nto resume: {command}", file=sys.stderr, flush=True)
+        raise SystemExit(self.exit_code)
+
+
+def resume_command(script, argv: list[str] | None, checkpoint) -> str:
+    """The command line that continues this run from ``checkpoint``: the same arguments
+    (``argv``, default the command line's) with ``--resume`` set, under the same torchrun
+    layout if launched by torchrun."""
+    args, skip = [], False
+    for a in sys.argv[1:] if argv is None else argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    script = Path(script)
+    try:
+        script = script.resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    tail = shlex.join([str(script), *args, "--resume", str(checkpoint)])
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if per_node is None:
+        return f"python {tail}"
+    nodes = int(os.environ.get("WORLD_SIZE", per_node)) // int(per_node)
+    if nodes == 1:
+        return f"torchrun --standalone --nproc-per-node {per_node} {tail}"
+    return (f"torchrun --nnodes {nodes} --nproc-per-node {per_node} <your --rdzv-* options> "
+            f"{tail}   (on every node)")
 
 
 # -- optimizer and schedule -----------------------------------------------------------------
@@ -343,23 +522,10 @@ class Throughput:
         return per_s, mfu
 
 
-def git_commit() -> str | None:
-    """The checkout's commit for benchmark records, ``-dirty`` when tracked files changed."""
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("-dirty" if dirty else "")) if commit else None
-
-
 def write_bench(path, args, throughput: Throughput, device, world: int, skip_first: int = 1):
-    """Median samples/s over the logged windows after the first ``skip_first`` (compile and
-    warm-up), as bench/results JSON."""
-    import triton
-
+    """The ``--bench-out`` record: median samples/s over the logged windows after the first
+    ``skip_first`` (compile and warm-up), MFU, peak memory and the run's settings, as JSON.
+    The benchmark driver (bench/train_throughput.py) adds the commit it measured."""
     rates = throughput.history[skip_first:] or throughput.history
     per_s = float(np.median(rates)) if rates else float("nan")
     mfu = per_s * throughput.flops_per_sample / (throughput.peak * world) if throughput.peak else None
@@ -375,12 +541,18 @@ def write_bench(path, args, throughput: Throughput, device, world: int, skip_fir
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda" else None,
         "windows": rates, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else "cpu", "torch": torch.__version__, "triton": triton.__version__,
-        "commit": git_commit(),
+        else "cpu", "torch": torch.__version__, "triton": _triton_version(),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(record, indent=2) + "\n"))
     return record
+
+
+def _triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # -- held-out evaluation and logging (rank 0 writes) ---------------------------------------
@@ -395,10 +567,7 @@ def heldout_batch(args, n: int) -> torch.Tensor | None:
         return None
     ds = make_dataset(source, args.resolution, args.frames, frame_stride=args.frame_stride,
                       train=False, seed=args.seed)
-    if isinstance(ds, torch.utils.data.IterableDataset):
-        items = [x for _, x in zip(range(n), ds)]
-    else:
-        items = [ds[i] for i in range(min(n, len(ds)))]
+    items = [x for _, x in zip(range(n), ds)]  # the first n readable items, none substituted
     return torch.stack(items)
 
 
@@ -433,9 +602,36 @@ def save_grid(path, inputs: torch.Tensor, recon: torch.Tensor) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` at steps <= ``step`` (none for ``step`` 0, a fresh
+    start), rewriting it atomically; a torn last line is dropped too. Returns the rows
+    dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        if step and row_step is not None and row_step <= step:
+            keep.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(keep)))
+    return dropped
+
+
 class RunLogger:
     """Rank 0's view of a run: a tqdm bar, TensorBoard scalars, ``metrics.jsonl`` (one line
-    per logged step) and ``loss.png``. Other ranks get a logger that does nothing."""
+    per logged step) and ``loss.png``. Other ranks get a logger that does nothing.
+
+    A run resumed at step ``start`` continues the log of the checkpoint it resumed: rows
+    logged after that step (by the run that went on past its last checkpoint before it
+    died) are dropped from ``metrics.jsonl``, atomically, and TensorBoard is told to purge
+    them (``purge_step``); the resumed run logs those steps again. A fresh start
+    (``start`` 0) begins both logs empty."""
 
     def __init__(self, out_dir, active: bool, start: int, total: int, desc: str):
         self.active, self.out_dir = active, Path(out_dir)
@@ -446,10 +642,16 @@ class RunLogger:
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+        dropped = truncate_metrics(self.out_dir / "metrics.jsonl", start)
+        if dropped:
+            self.print(f"metrics.jsonl: dropped {dropped} row(s) logged after step {start}, "
+                       f"the step this run continues from")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=start)
+            # Events at steps >= purge_step written before are hidden from TensorBoard.
+            self.writer = SummaryWriter(str(self.out_dir / "tb"),
+                                        purge_step=start + 1 if start else 0)
         except ImportError:
             self.print("tensorboard is not installed: scalars go to metrics.jsonl only "
                        "(pip install tensorboard)")

@@ -1,0 +1,390 @@
+"""Preemption and faults: signals sent to a real training process, a rank killed under
+torchrun, a crash halfway through a checkpoint save, checkpoints damaged afterwards.
+
+Every scenario ends with the weights of an uninterrupted run, bit for bit. The reference
+runs and the resumed runs go in-process (``main(argv)``, one thread); the runs that receive
+a signal or die are subprocesses (one thread too, so that the arithmetic is the same), and
+the single-process ones start together to share their interpreter start-up.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitok_fast.checkpoint import CheckpointError
+from vitok_fast.training import StopOnSignal, truncate_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12  # long enough that a signal sent after step 1 lands well before the end
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"vitok_train_{name}", ROOT / "train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stage1, stage2 = _script("stage1"), _script("stage2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _args(out, *extra, resume=""):
+    return ["--smoke", "--no-kernels", "--num-workers", "0", "--lpips-weight", "0",
+            "--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "10000",
+            "--out-dir", str(out), "--resume", resume, *map(str, extra)]
+
+
+def _weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _rows(run):
+    return [json.loads(line) for line in open(Path(run) / "metrics.jsonl")]
+
+
+def _losses(run, key="train/loss"):
+    return {r["step"]: r[key] for r in _rows(run) if key in r}
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+
+
+class Run:
+    """A training script in a subprocess, its output in files (a pipe could fill up)."""
+
+    def __init__(self, script, out, args, env=None):
+        self.out, self.log = Path(out), Path(str(out) + ".log")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "train" / f"{script}.py"),
+                                          *args], stdout=log, stderr=subprocess.STDOUT,
+                                         env={**ENV, **(env or {})}, cwd=ROOT)
+
+    def logged_step(self) -> int:
+        try:
+            return max((r["step"] for r in _rows(self.out) if "train/loss" in r
+                        or "train/loss_g" in r), default=0)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+
+    def output(self) -> str:
+        return self.log.read_text().replace("\r", "\n")
+
+
+def _signal_after_first_step(runs: dict, signals: dict, timeout=300):
+    """Once a run has logged step 1, send it its signals in order (a string in the list:
+    wait until the run has printed it); wait for all runs to exit."""
+    pending, deadline = {k: list(v) for k, v in signals.items()}, time.time() + timeout
+    while pending and time.time() < deadline:
+        for name in list(pending):
+            run, todo = runs[name], pending[name]
+            if run.proc.poll() is not None:
+                del pending[name]
+            elif run.logged_step() >= 1:
+                if isinstance(todo[0], str):
+                    if todo[0] in run.output():
+                        todo.pop(0)
+                else:
+                    run.proc.send_signal(todo.pop(0))
+                if not todo:
+                    del pending[name]
+        time.sleep(0.02)
+    for run in runs.values():
+        run.proc.wait(timeout=max(10, deadline - time.time()))
+
+
+def _kill_leftovers(runs: dict):
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted stage-1 run, checkpoints at steps 4, 8 and 12."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    stage1.main(_args(out, "--save-every", 4, "--keep", 5))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """Stage-1 subprocesses started together: one per stop signal, one sent SIGINT twice,
+    one killed halfway through its step-10 save."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    runs = {name: Run("stage1", tmp / name, _args(tmp / name, "--save-every", 5))
+            for name in ("SIGINT", "SIGTERM", "SIGUSR1")}
+    # Steps of 8 micro-batches: the second SIGINT lands while the first step is still running
+    # (two SIGINTs sent back to back would merge into one pending signal).
+    runs["twice"] = Run("stage1", tmp / "twice", _args(tmp / "twice", "--global-batch-size", 64,
+                                                       "--micro-batch-size", 8))
+    runs["crash"] = Run("stage1", tmp / "crash", _args(tmp / "crash", "--save-every", 5),
+                        env={"VITOK_FAULT_KILL": "save:10"})
+    try:
+        _signal_after_first_step(runs, {"SIGINT": [signal.SIGINT], "SIGTERM": [signal.SIGTERM],
+                                        "SIGUSR1": [signal.SIGUSR1],
+                                        "twice": [signal.SIGINT, "SIGINT: finishing this step",
+                                                  signal.SIGINT]})
+    finally:
+        _kill_leftovers(runs)
+    return runs
+
+
+@pytest.mark.slow(reason="starts 5 training processes (~1 min on 2 shared cores)")
+@pytest.mark.parametrize("name,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 138)])
+def test_signal_finishes_the_step_saves_and_the_resume_is_bit_identical(stopped, reference,
+                                                                        name, code):
+    run = stopped[name]
+    text = run.output()
+    assert run.proc.returncode == code, text[-2000:]
+    saved = sorted(p.name for p in run.out.glob("step_*"))
+    assert len(saved) >= 1, text[-2000:]
+    stop = int(saved[-1][5:])
+    assert 1 <= stop < STEPS, saved  # it stopped early, after a whole step, and saved it
+    assert f"stopped by {name} after step {stop}: checkpoint {run.out / saved[-1]}" in text
+    command = text.split("to resume: ")[1].splitlines()[0]
+    assert command.startswith("python train/stage1.py --smoke") and \
+        command.endswith(f"--resume {run.out / saved[-1]}"), command
+    assert max(_losses(run.out)) == stop  # the stop step was the last one trained and logged
+
+    stage1.main(_args(run.out, "--save-every", 5, resume="auto"))
+    assert _same_weights(run.out / f"step_{STEPS:08d}", reference / f"step_{STEPS:08d}")
+    assert _losses(run.out) == _losses(reference)  # every step once, the same losses
+
+
+def test_second_sigint_exits_at_once_without_a_checkpoint(stopped):
+    run = stopped["twice"]
+    text = run.output()
+    assert run.proc.returncode == 130, text[-2000:]
+    assert "second SIGINT: exiting now, without a checkpoint" in text
+    assert "stopped by" not in text  # it did not get to finish the step and save
+    assert not list(run.out.glob("step_*")) and not list(run.out.glob(".step_*"))
+
+
+def test_crash_halfway_through_a_save_resumes_from_the_previous_checkpoint(stopped, reference,
+                                                                           capsys):
+    run = stopped["crash"]
+    assert run.proc.returncode == -signal.SIGKILL, run.output()[-2000:]
+    # Killed after the step-10 weights were written, before its train state: the write
+    # stayed in a hidden temporary directory, and step 5 is the newest checkpoint.
+    partial = list(run.out.glob(".step_00000010.*.tmp"))
+    assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()
+    assert not (partial[0] / "train_state.pt").exists()
+    assert sorted(p.name for p in run.out.glob("step_*")) == ["step_00000005"]
+    assert max(_losses(run.out)) == 10  # steps 6..10 were logged after that checkpoint
+
+    stage1.main(_args(run.out, "--save-every", 5, resume="auto"))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_00000005 at step 5" in out
+    assert "dropped 5 row(s) logged after step 5" in out  # steps 6..10, logged again
+    assert not list(run.out.glob(".step_*"))  # the next save cleared the partial one
+    assert _same_weights(run.out / f"step_{STEPS:08d}", reference / f"step_{STEPS:08d}")
+    steps = [r["step"] for r in _rows(run.out) if "train/loss" in r]
+    assert steps == list(range(1, STEPS + 1))  # each step once
+    assert _losses(run.out) == _losses(reference)
+    # TensorBoard's view: the rows of the dead run after step 5 are purged, not doubled.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run.out / "tb"))
+    tb.Reload()
+    events = tb.Scalars("train/loss")
+    assert [e.step for e in events] == list(range(1, STEPS + 1))
+    assert [e.value for e in events] == pytest.approx(
+        [_losses(reference)[s] for s in range(1, STEPS + 1)], rel=1e-6)  # stored as float32
+
+
+def test_metrics_truncation_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "train/loss": 1.0 / (s + 1)} for s in (0, 1, 2, 3, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "tra')
+    assert truncate_metrics(path, 2) == 3  # steps 3, 4 and the torn line
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert truncate_metrics(path, 2) == 0
+    assert truncate_metrics(path, 0) == 3 and path.read_text() == ""  # a fresh start
+
+
+def test_finished_run_says_so_and_does_nothing(reference, capsys):
+    before = (reference / "metrics.jsonl").read_bytes()
+    out = stage1.main(_args(reference, "--save-every", 4, "--keep", 5, resume="auto"))
+    assert out["step"] == STEPS and out["losses"] == []
+    assert f"run already finished at step {STEPS} ({reference}); nothing to do" in \
+        capsys.readouterr().out
+    assert (reference / "metrics.jsonl").read_bytes() == before
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,file", [(_truncate, "model.safetensors"),
+                                         (_truncate, "train_state.pt"),
+                                         (Path.unlink, "train_state.pt")])
+def test_damaged_checkpoint_is_named_and_auto_falls_back_to_the_previous(tmp_path, reference,
+                                                                        capsys, damage, file):
+    run, last = tmp_path / "run", f"step_{STEPS:08d}"
+    run.mkdir()
+    for name in ("step_00000008", last):
+        shutil.copytree(reference / name, run / name)
+    shutil.copy(reference / "metrics.jsonl", run / "metrics.jsonl")
+    bad = run / last / file
+    damage(bad)
+
+    with pytest.raises(CheckpointError) as e:  # asked for that checkpoint: no silent fallback
+        stage1.main(_args(run, resume=str(run / last)))
+    assert str(bad) in str(e.value) and "--resume auto" in str(e.value)
+    with pytest.raises(CheckpointError, match=last):  # a run directory: its newest checkpoint
+        stage1.main(_args(run, resume=str(run)))
+
+    stage1.main(_args(run, resume="auto"))
+    err = capsys.readouterr().err
+    assert f"skipping {last}: {bad}" in err
+    assert f"resuming from {run / 'step_00000008'}, the newest checkpoint that reads" in err
+    assert _same_weights(run / last, reference / last)  # steps 9..12 again, saved whole
+    assert _losses(run) == _losses(reference)
+
+
+def test_stage2_sigterm_saves_and_the_resume_is_bit_identical_ema_included(tmp_path):
+    stage1.main(_args(tmp_path / "s1", "--max-steps", 1))
+    args = lambda out, resume="": _args(out, "--init", tmp_path / "s1", "--save-every", 100,
+                                        "--disc-warmup", 2, resume=resume)
+    run = Run("stage2", tmp_path / "cut", args(tmp_path / "cut"))
+    try:
+        _signal_after_first_step({"cut": run}, {"cut": [signal.SIGTERM]})
+    finally:
+        _kill_leftovers({"cut": run})
+    assert run.proc.returncode == 143, run.output()[-2000:]
+    (saved,) = run.out.glob("step_*")
+    assert "stopped by SIGTERM" in run.output() and int(saved.name[5:]) < STEPS
+
+    stage2.main(args(run.out, resume="auto"))
+    stage2.main(args(tmp_path / "full"))
+    final = f"step_{STEPS:08d}"
+    for sub in ("", "ema"):
+        assert _same_weights(run.out / final / sub, tmp_path / "full" / final / sub), sub
+    assert _losses(run.out, "train/loss_d") == _losses(tmp_path / "full", "train/loss_d")
+
+
+def _torchrun(out, *launcher, steps=6, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc-per-node", "2", *launcher, str(ROOT / "train" / "stage1.py"),
+           *_args(out, "--max-steps", steps, "--save-every", 2, "--device", "cpu", resume="auto")]
+    log = open(str(out) + ".log", "w")
+    # The shared rendezvous store hands restarted gloo ranks stale peer addresses (see
+    # docs/training.md); torchrun's own switch turns the sharing off.
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def _worker_pid(launcher_pid, rank):
+    """The pid of torchrun's worker of ``rank`` (from /proc: its RANK variable)."""
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+@pytest.mark.slow(reason="three torchrun jobs of 2 gloo ranks, one restarted (~1 min)")
+def test_torchrun_lost_rank_restarts_exactly_and_a_signal_to_one_rank_stops_both(tmp_path):
+    full = _torchrun(tmp_path / "full")
+    # Rank 1 dies (SIGKILL) right after step 3; the checkpoint of step 2 is the newest.
+    cut = _torchrun(tmp_path / "cut", "--max-restarts", "1", env={"VITOK_FAULT_KILL": "step:3:1"})
+    # SIGTERM to rank 1 alone, as a scheduler might deliver it: rank 0 must stop too.
+    one = _torchrun(tmp_path / "one", steps=STEPS)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and one.poll() is None:
+            if _losses_or_empty(tmp_path / "one") and (pid := _worker_pid(one.pid, 1)):
+                os.kill(pid, signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        for job in (full, cut, one):
+            job.wait(timeout=max(10, deadline - time.time()))
+    finally:  # a hung job: torchrun forwards SIGTERM, then SIGKILLs its workers after 30 s
+        for job in (full, cut, one):
+            if job.poll() is None:
+                job.terminate()
+                job.wait(timeout=60)
+    logs = {name: (tmp_path / f"{name}.log").read_text().replace("\r", "\n")
+            for name in ("full", "cut", "one")}
+    assert full.returncode == 0, logs["full"][-3000:]
+    assert cut.returncode == 0, logs["cut"][-3000:]
+    assert (tmp_path / "cut" / ".fault-step-3-rank1").exists()  # the fault did happen
+    assert f"resumed from {tmp_path / 'cut' / 'step_00000002'} at step 2" in logs["cut"]
+    assert _same_weights(tmp_path / "cut" / "step_00000006", tmp_path / "full" / "step_00000006")
+    steps = [r["step"] for r in _rows(tmp_path / "cut") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 3, logged before the kill, is not doubled
+
+    # Both ranks stopped after the same step k: the save is a collective, so a rank that went
+    # on would have left the other waiting (the hang this test caught once). Rank 1 exits
+    # 143; torchrun then sends rank 0, done and on its way out, a SIGTERM of its own.
+    (k,) = {int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", logs["one"])}
+    assert 1 <= k < STEPS and (tmp_path / "one" / f"step_{k:08d}").is_dir(), logs["one"][-3000:]
+    assert re.search(r"rank *: 1 .*\n *exitcode *: 143", logs["one"]), logs["one"][-3000:]
+    assert max(_losses(tmp_path / "one")) == k
+
+
+def _losses_or_empty(run):
+    try:
+        return _losses(run)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_stop_on_signal_sets_a_flag_only_while_armed_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopOnSignal() as stop:
+        assert signal.getsignal(signal.SIGUSR1) is before  # not armed: set-up dies as usual
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
+        assert stop.requested and not stop.stopped
+        assert stop.agreed(torch.device("cpu")) and stop.stopped
+        assert stop.exit_code == 138
+        with pytest.raises(SystemExit) as e:
+            stop.exit(3, "ckpt", "python train/x.py --resume ckpt")
+        assert e.value.code == 138
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_resume_auto_with_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
+    from vitok_fast import ViTok
+    from vitok_fast.checkpoint import load_resume, save_checkpoint
+
+    model = ViTok.from_name("T-T/8", use_kernels=False)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, {"step": step})
+    _truncate(tmp_path / "step_00000002" / "train_state.pt")
+    logged = []
+    path, state = load_resume("auto", tmp_path, log=logged.append)
+    assert path.name == "step_00000001" and state["step"] == 1
+    assert len(logged) == 2 and "step_00000002/train_state.pt does not read" in logged[0]
+    (tmp_path / "step_00000001" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* reads .*--resume ''"):
+        load_resume("auto", tmp_path, log=logged.append)
+    assert load_resume("", tmp_path) == (None, None)
