@@ -170,6 +170,7 @@ def test_sample_cli_rejects_a_class_the_dit_does_not_have(smoke_run, tmp_path):
     assert proc.stderr.splitlines()[-1].startswith("error: --classes must name classes in [0, 1]")
 
 
+@pytest.mark.slow(reason="trains a ViTok and a DiT on the digits (~70 s on 2 shared cores)")
 def test_generation_digits_short_run_beats_chance_by_far():
     import generation_digits
 
