@@ -183,3 +183,27 @@ def test_generation_digits_short_run_beats_chance_by_far():
     assert record["accuracy_real_heldout"] >= 0.95
     assert record["fd_real"] < record["fd_samples"] < 50 * record["fd_real"]
     print(json.dumps(record), f"{time.perf_counter() - start:.0f} s")
+
+
+def test_latents_encoded_from_class_folders_load_with_their_labels(smoke_run, tmp_path):
+    from PIL import Image
+
+    from vitok_fast import encode
+    from vitok_fast.dit import load_latent_set
+
+    out, _ = smoke_run
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / c / f"{i}.png")
+    encode.main(["--ckpt", str(out / "smoke" / "vitok"), "--data", str(tmp_path / "data"),
+                 "--resolution", "32", "--out", str(tmp_path / "latents"), "--no-kernels",
+                 "--num-workers", "0", "--device", "cpu"])
+    latents = load_latent_set(tmp_path / "latents")
+    assert latents["index"]["classes"] == ["cat", "dog"]
+    assert latents["label"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert latents["mean"].shape == (6, 16, 4, 4)
+    z = LatentNorm(latents["stats"]).normalize(latents["mean"]).double()
+    assert abs(z.mean().item()) < 1e-5 and abs(z.std(unbiased=False).item() - 1) < 1e-4
