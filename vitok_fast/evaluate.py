@@ -195,6 +195,109 @@ def resolve_ckpt(path) -> Path:
     return path  # from_pretrained names the missing config.json / model.safetensors
 
 
+# -- generation: gFID and gIS of samples against reference statistics ------------------------
+
+
+def load_generated(path) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images from a folder written by python -m vitok_fast.sample (its
+    samples.npz), any folder of PNG/JPEG files, or an .npz holding ``pixels`` or ``arr_0``
+    (ADM's reference batches) as (N, H, W, 3) uint8."""
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir() and (path / "samples.npz").is_file():
+        path = path / "samples.npz"
+    if path.is_file() and path.suffix == ".npz":
+        data = np.load(path)
+        key = next((k for k in ("pixels", "arr_0") if k in data), None)
+        if key is None:
+            raise ValueError(f"{path} holds {sorted(data)}: expected 'pixels' or 'arr_0' images")
+        images = data[key]
+    elif path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no samples.npz and no PNG/JPEG images")
+        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    else:
+        raise FileNotFoundError(f"--generated expects a folder of samples or an .npz, got {path}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3) in {path}, got {images.dtype} "
+                         f"{images.shape} (video samples: score them with FVD, not gFID)")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def generation_metrics(images: torch.Tensor, ref, inception, *, batch_size: int = 50,
+                       device="cpu", splits: int = 10, progress: bool = True):
+    """gFID of uint8 images (N, 3, H, W) against ``ref`` (a FrechetStats, (mu, sigma), or
+    None for none),
+    and the Inception Score over ``splits`` splits, with the FID Inception of rFID
+    (features "2048" and "logits_unbiased", as torch-fidelity computes them). Returns
+    ``(results, stats of the images)``."""
+    if isinstance(ref, tuple):
+        ref = _stats_from_moments(*ref)
+    stats = M.FrechetStats(2048)
+    logits = []
+    for i in tqdm(range(0, len(images), batch_size), desc="gFID", disable=not progress):
+        features, batch_logits = inception(images[i:i + batch_size].to(device))
+        stats.update(features.cpu())
+        logits.append(batch_logits.double().cpu())
+    p = torch.cat(logits).softmax(-1)
+    scores = []
+    for part in p.chunk(splits):  # [Salimans et al. 2016] exp E_x KL(p(y|x) || p(y))
+        py = part.mean(0, keepdim=True)
+        scores.append(torch.exp((part * (part.clamp_min(1e-30).log() - py.log())).sum(1).mean()))
+    scores = torch.stack(scores)
+    results = {"gfid": M.frechet_distance(ref, stats)} if ref is not None else {}
+    return {**results, "gis": float(scores.mean()),
+            "gis_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "num_samples": len(images)}, stats
+
+
+def _stats_from_moments(mu, sigma, n: int = 50_000) -> "M.FrechetStats":
+    """FrechetStats whose mean and covariance are exactly ``mu`` and ``sigma`` (any n >= 2)."""
+    mu, sigma = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
+    stats = M.FrechetStats(mu.numel())
+    stats.n += n
+    stats.sum += mu * n
+    stats.outer += sigma * (n - 1) + n * torch.outer(mu, mu)
+    return stats
+
+
+def evaluate_generated(args) -> dict:
+    """``--generated DIR --ref-stats REF``: gFID and gIS; ``--stats-out`` keeps the mu/sigma."""
+    import numpy as np
+
+    if not args.ref_stats and not args.stats_out:
+        raise ValueError("--generated needs --ref-stats (an .npz with mu and sigma, e.g. ADM's "
+                         "VIRTUAL_imagenet256_labeled.npz, or a folder / .npz of real images), "
+                         "or --stats-out to write the statistics of DIR as a reference")
+    inception = M.load_inception(args.inception, args.device, features=("2048", "logits_unbiased"))
+    images = load_generated(args.generated)
+    ref = None
+    if args.ref_stats:
+        ref_path = Path(args.ref_stats)
+        data = np.load(ref_path) if ref_path.suffix == ".npz" and ref_path.is_file() else None
+        if data is not None and "mu" in data and "sigma" in data:
+            ref = (data["mu"], data["sigma"])
+        else:  # real images: their features are the reference
+            _, ref = generation_metrics(load_generated(ref_path), None, inception,
+                                        batch_size=args.batch_size, device=args.device)
+    results, stats = generation_metrics(images, ref, inception, batch_size=args.batch_size,
+                                        device=args.device)
+    results = {"generated": str(args.generated), "ref_stats": args.ref_stats, **results,
+               "protocol": f"torch-fidelity Inception-v3 ({M.INCEPTION_FILE}): 2048-d pool "
+                           f"features for gFID, logits_unbiased for gIS (10 splits)"}
+    if args.stats_out:
+        mu, sigma = stats.mean_cov()
+        atomic_write(Path(args.stats_out), lambda p: np.savez(open(p, "wb"), mu=mu, sigma=sigma))
+    print(" | ".join(f"{k.upper()} {results[k]:.4f}" for k in ("gfid", "gis") if k in results))
+    if args.out:
+        atomic_write(Path(args.out), lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
+    return results
+
+
 def format_table(results: dict) -> str:
     keys = [k for k in ("rfid", "rfvd", "psnr", "ssim", "lpips") if k in results]
     head = " | ".join(f"{k.upper():>8}" for k in keys)
@@ -205,8 +308,13 @@ def format_table(results: dict) -> str:
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
-    p.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
+    p.add_argument("--ckpt", help="directory written by ViTok.save_pretrained")
+    p.add_argument("--data", help="any source vitok_fast.data.make_dataset reads")
+    p.add_argument("--generated", help="instead of --ckpt/--data: gFID and gIS of the samples in "
+                   "this folder (python -m vitok_fast.sample) against --ref-stats")
+    p.add_argument("--ref-stats", help="with --generated: an .npz with mu and sigma (ADM's "
+                   "reference batches hold them), or a folder / .npz of real images")
+    p.add_argument("--stats-out", help="with --generated: write the samples' mu and sigma here")
     p.add_argument("--resolution", type=cli.positive_int,
                    help="centre-crop size (default 256 images, 128 videos)")
     p.add_argument("--frames", type=cli.positive_int,
@@ -248,6 +356,11 @@ def parse_metrics(text: str | None, video: bool, name: str) -> tuple[str, ...]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.generated:
+        return evaluate_generated(args)
+    if not args.ckpt or not args.data:
+        raise ValueError("expected --ckpt and --data (reconstruction metrics) or --generated "
+                         "(generation metrics)")
     from vitok_fast.data import make_dataset
     from vitok_fast.model import ViTok
     from vitok_fast.perceptual import load_lpips

@@ -179,19 +179,22 @@ def _unreadable_weight(what: str, file: str, given, flag: str, error: Exception)
         f"the file is truncated, corrupt or another network's; copy {file} again")
 
 
-def load_inception(path: str | os.PathLike | None, device="cpu") -> nn.Module:
+def load_inception(path: str | os.PathLike | None, device="cpu",
+                   features: tuple[str, ...] = ("2048",)) -> nn.Module:
     """torch-fidelity's FID Inception-v3 (2048-d pool features) from a weights file.
 
     The expected file is torch-fidelity's conversion of the TF FID Inception,
     ``weights-inception-2015-12-05-6726825d.pth`` (github.com/toshas/torch-fidelity
-    releases v0.2.0). The module takes uint8 (B, 3, H, W) images of any size.
+    releases v0.2.0). The module takes uint8 (B, 3, H, W) images of any size and returns
+    one tensor per name in ``features`` ("2048": pool features for FID; "logits_unbiased":
+    the 1008 logits the Inception Score uses).
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if path is None or not Path(path).is_file():
         raise _missing_weight("FID", INCEPTION_FILE, path, "--inception")
     try:
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+        model = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                             feature_extractor_weights_path=str(path))
     except Exception as e:  # torch-fidelity parses the file itself: any failure means a bad file
         raise _unreadable_weight("FID Inception", INCEPTION_FILE, path, "--inception", e) from e

@@ -1,0 +1,209 @@
+"""Class-conditional DiT on ViTok latents: the model, the diffusion, train/dit.py, the sample
+and gFID command lines, and a short run of bench/generation_digits.py."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitok_fast import metrics as M
+from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_dit_sizes_have_the_papers_parameter_counts():
+    # [DiT] Table 4: DiT-S/2 33.0M, B/2 130.5M, L/2 458.1M, XL/2 675.1M (4-channel latents)
+    paper = {"S": 33.0, "B": 130.5, "L": 458.1, "XL": 675.1}
+    for size, millions in paper.items():
+        with torch.device("meta"):
+            model = DiT.from_name(f"DiT-{size}/2", channels=4, num_classes=1000)
+        ours = sum(p.numel() for p in model.parameters()) / 1e6
+        assert abs(ours - millions) / millions < 0.01, (size, ours)
+
+
+def test_adaln_zero_starts_every_block_as_identity_and_predicts_zero():
+    model = DiT.from_name("DiT-T/1", channels=4, num_classes=3, use_kernels=False)
+    z = torch.randn(2, 4, 4, 4)
+    assert model(z, torch.tensor([5, 900]), torch.tensor([0, 3])).abs().max().item() == 0.0
+    x = torch.randn(2, 16, model.config.width)
+    c = torch.randn(2, model.config.width)
+    cos, sin = torch.ones(16, 16), torch.zeros(16, 16)  # 16 tokens, head dim 32
+    assert torch.equal(model.blocks[0](x, c, cos, sin), x)
+
+
+def test_dit_runs_video_latents_and_fused_kernels_match_the_reference():
+    torch.manual_seed(0)
+    ref = DiT.from_name("DiT-T/2", channels=4, num_classes=3, use_kernels=False)
+    for p in ref.parameters():  # leave adaLN-Zero's zeros: the output would be all zero
+        torch.nn.init.normal_(p, std=0.05)
+    fused = DiT(DiTConfig(**{**ref.config.__dict__, "use_kernels": True}))
+    fused.load_state_dict(ref.state_dict())
+    z = torch.randn(2, 4, 2, 4, 6)  # (B, c, T', H', W')
+    t, y = torch.tensor([10, 500]), torch.tensor([1, 3])
+    out = ref(z, t, y)
+    assert out.shape == z.shape
+    assert torch.allclose(fused(z, t, y), out, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        ref(torch.randn(1, 4, 3, 3), t[:1], y[:1])
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the exact noise of z_t for a known clean latent per class (null: zeros)."""
+
+    def __init__(self, targets, diffusion):
+        super().__init__()
+        self.targets, self.ab = targets, diffusion.alphas_bar.float()
+        self.config = DiTConfig(name="oracle", depth=1, width=12, heads=2, mlp_hidden=8,
+                                channels=targets.shape[1], num_classes=len(targets) - 1)
+
+    def forward(self, z, t, y, drop_labels=None):
+        ab = self.ab[t].view(-1, *[1] * (z.ndim - 1))
+        return (z - ab.sqrt() * self.targets[y]) / (1 - ab).sqrt()
+
+
+def test_ddim_with_an_exact_noise_model_lands_on_the_data_and_cfg_extrapolates():
+    diffusion = Diffusion()
+    targets = torch.randn(3, 4, 2, 2)
+    targets[-1] = 0  # the null class
+    oracle = _Oracle(targets, diffusion)
+    y = torch.tensor([0, 1, 0])
+    gen = torch.Generator().manual_seed(0)
+    z = diffusion.ddim_sample(oracle, (3, 4, 2, 2), y, steps=25, cfg=1.0, generator=gen)
+    assert (z - targets[y]).abs().max().item() < 1e-4
+    # guidance s moves the prediction to null + s * (cond - null) = s * cond here
+    z = diffusion.ddim_sample(oracle, (3, 4, 2, 2), y, steps=25, cfg=1.5,
+                              generator=torch.Generator().manual_seed(0))
+    assert (z - 1.5 * targets[y]).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="sampling steps"):
+        diffusion.ddim_sample(oracle, (1, 4, 2, 2), y[:1], steps=0)
+
+
+def test_diffusion_loss_is_the_noise_mse_at_linear_betas():
+    d = Diffusion()
+    assert abs(1 - d.alphas_bar[0].item() - 1e-4) < 1e-12
+    assert abs(d.alphas_bar[-1].item() - 4.04e-5) < 1e-6  # prod(1 - beta_t) of the DDPM schedule
+    z0 = torch.randn(64, 4, 2, 2)
+    oracle = _Oracle(z0[:1].repeat(11, 1, 1, 1), d)
+    loss = d.loss(oracle, z0[:1].repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long),
+                  generator=torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-8  # an exact noise model scores zero
+
+
+def test_latent_norm_round_trips_and_uses_the_shift_and_scale():
+    stats = {"shift_factor": 0.5, "scaling_factor": 2.0, "mean": [0.0, 1.0], "std": [1.0, 4.0]}
+    z = torch.randn(3, 2, 4, 4)
+    for per_channel in (False, True):
+        norm = LatentNorm(stats, per_channel)
+        assert torch.allclose(norm.denormalize(norm.normalize(z)), z, atol=1e-6)
+    assert torch.allclose(LatentNorm(stats).normalize(z), (z - 0.5) * 2.0)
+    assert torch.allclose(LatentNorm(stats, True).normalize(z)[:, 1], (z[:, 1] - 1.0) / 4.0)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    import dit as train_dit
+
+    out = tmp_path_factory.mktemp("dit_run")
+    result = train_dit.main(["--smoke", "--no-kernels", "--out-dir", str(out), "--max-steps", "4",
+                             "--save-every", "2", "--sample-every", "4", "--sample-steps", "3"])
+    return out, result
+
+
+def test_smoke_run_trains_saves_and_resumes_exactly(smoke_run, tmp_path):
+    import dit as train_dit
+
+    out, full = smoke_run
+    assert full["step"] == 4 and all(math.isfinite(x) for x in full["losses"])
+    assert (out / "step_00000004" / "ema" / "model.safetensors").is_file()
+    assert (out / "samples" / "step_00000004.png").is_file()
+    part = tmp_path / "resumed"
+    args = ["--smoke", "--no-kernels", "--out-dir", str(part), "--sample-steps", "3",
+            "--save-every", "2", "--sample-every", "4",
+            "--latents", str(out / "smoke" / "latents"), "--vitok", str(out / "smoke" / "vitok")]
+    first = train_dit.main(args + ["--max-steps", "2"])
+    second = train_dit.main(args + ["--max-steps", "4"])  # resumes from step 2
+    assert first["losses"] + second["losses"] == full["losses"]
+    a = DiT.from_pretrained(out / "step_00000004" / "ema")
+    b = DiT.from_pretrained(part / "step_00000004" / "ema")
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_sample_cli_writes_pngs_and_an_npz_and_gfid_scores_them(smoke_run, tmp_path):
+    from vitok_fast import evaluate, sample
+
+    out, _ = smoke_run
+    samples = tmp_path / "samples"
+    sample.main(["--dit", str(out), "--classes", "0,1", "--per-class", "2", "--steps", "3",
+                 "--out", str(samples), "--no-kernels", "--device", "cpu"])
+    assert sorted(p.name for p in samples.glob("*.png")) == [
+        "0000_0000.png", "0000_0001.png", "0001_0000.png", "0001_0001.png"]
+    data = np.load(samples / "samples.npz")
+    assert data["pixels"].shape == (4, 32, 32, 3) and data["pixels"].dtype == np.uint8
+    assert data["labels"].tolist() == [0, 0, 1, 1]
+
+    weights = M.save_random_inception(tmp_path / M.INCEPTION_FILE)
+    ref = tmp_path / "ref.npz"
+    first = evaluate.main(["--generated", str(samples), "--stats-out", str(ref),
+                           "--inception", str(weights), "--device", "cpu", "--batch-size", "3"])
+    assert "gfid" not in first and 1.0 <= first["gis"] <= 4.0  # IS lies in [1, images per split]
+    again = evaluate.main(["--generated", str(samples), "--ref-stats", str(ref),
+                           "--inception", str(weights), "--device", "cpu"])
+    assert abs(again["gfid"]) < 1e-6  # the set against its own mu/sigma
+    assert abs(again["gis"] - first["gis"]) < 1e-9
+
+
+def test_sample_cli_rejects_a_class_the_dit_does_not_have(smoke_run, tmp_path):
+    out, _ = smoke_run
+    proc = subprocess.run([sys.executable, "-m", "vitok_fast.sample", "--dit", str(out),
+                           "--classes", "0,7", "--steps", "2", "--out", str(tmp_path / "x"),
+                           "--no-kernels"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith("error: --classes must name classes in [0, 1]")
+
+
+@pytest.mark.slow(reason="trains a ViTok and a DiT on the digits (~70 s on 2 shared cores)")
+def test_generation_digits_short_run_beats_chance_by_far():
+    import generation_digits
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    record = generation_digits.run_check(0, vitok_steps=300, dit_steps=1500, per_class=10,
+                                         sampling_steps=20)
+    assert set(record) == set(generation_digits.KEYS)
+    assert record["accuracy_conditional"] >= 0.6  # chance is 0.10
+    assert record["accuracy_real_heldout"] >= 0.95
+    assert record["fd_real"] < record["fd_samples"] < 50 * record["fd_real"]
+    print(json.dumps(record), f"{time.perf_counter() - start:.0f} s")
+
+
+def test_latents_encoded_from_class_folders_load_with_their_labels(smoke_run, tmp_path):
+    from PIL import Image
+
+    from vitok_fast import encode
+    from vitok_fast.dit import load_latent_set
+
+    out, _ = smoke_run
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / c / f"{i}.png")
+    encode.main(["--ckpt", str(out / "smoke" / "vitok"), "--data", str(tmp_path / "data"),
+                 "--resolution", "32", "--out", str(tmp_path / "latents"), "--no-kernels",
+                 "--num-workers", "0", "--device", "cpu"])
+    latents = load_latent_set(tmp_path / "latents")
+    assert latents["index"]["classes"] == ["cat", "dog"]
+    assert latents["label"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert latents["mean"].shape == (6, 16, 4, 4)
+    z = LatentNorm(latents["stats"]).normalize(latents["mean"]).double()
+    assert abs(z.mean().item()) < 1e-5 and abs(z.std(unbiased=False).item() - 1) < 1e-4

@@ -1,0 +1,298 @@
+"""Class-conditional DiT on ViTok latents (the paper's generation experiments, Section 3.3).
+
+    python -m vitok_fast.encode --ckpt runs/s2 --data /data/imagenet/train --out latents/in256
+    torchrun --nproc_per_node 8 train/dit.py --latents latents/in256 --vitok runs/s2 --compile
+    python train/dit.py --smoke                                 # tiny CPU run, ~1 minute
+
+[DiT, paper] DDPM epsilon-prediction with 1000 linear-beta steps, AdamW lr 1e-4 constant, no
+weight decay, batch 256, EMA 0.9999 (what ``<run>/step_*/ema`` holds, what sample grids and
+python -m vitok_fast.sample use), class dropout 0.1 for classifier-free guidance. Latents are
+read from labelled shards (index.json, stats.json) and normalised as
+``(z - shift_factor) * scaling_factor`` (``--per-channel-norm``: each channel's mean and
+std); ``--posterior sample`` draws z = mean + std * eps afresh each step, as LDM and DiT do
+with their VAE. Unlabelled items (label -1) train the null class only. Everything around the
+loop (DDP, bf16, compile, exact resume, checkpoints, logging) is stage 1's (train/stage1.py).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from vitok_fast import distributed as D
+from vitok_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint
+from vitok_fast.cli import UserError, run
+from vitok_fast.data import make_loader
+from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm, load_latent_set
+from vitok_fast.fileio import atomic_write
+from vitok_fast.sample import LATENT_FILE  # <run>/latents.json: what the sample CLI reads
+from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
+                                 autocast_dtype, build_optimizer, clip_grad_norm, cosine_schedule,
+                                 noise_seed, restore_run_state, rng_state)
+
+
+# [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
+SMOKE = dict(model="DiT-T/1", global_batch_size=8, micro_batch_size=4, max_steps=20, lr=1e-3,
+             save_every=10, sample_every=10, log_every=5, ema_decay=0.9, sample_steps=10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="DiT-XL/1", help="DiT-S/B/L/XL (or T, tiny) / patch size "
+                   "over the latent grid [paper: DiT-XL, patch 1 on ViTok /16 latents]")
+    g.add_argument("--latents", default=None, help="labelled latent shards + stats.json "
+                   "(python -m vitok_fast.encode)")
+    g.add_argument("--vitok", default=None, help="the ViTok that encoded them: decodes sample grids")
+    g.add_argument("--posterior", choices=["sample", "mean"], default="sample",
+                   help="train on posterior samples (fresh each step) or the mean")
+    g.add_argument("--per-channel-norm", action="store_true",
+                   help="normalise each channel by its own mean/std instead of one shift/scale")
+    g.add_argument("--class-dropout", type=float, default=0.1, help="[DiT] 0.1")
+    g.add_argument("--num-workers", type=int, default=0, help="the latents are in memory")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--global-batch-size", type=int, default=256, help="[DiT] 256")
+    g.add_argument("--micro-batch-size", type=int, default=32)
+    g.add_argument("--max-steps", type=int, default=400_000, help="[DiT] 400k for its Table 4")
+    g.add_argument("--lr", type=float, default=1e-4, help="[DiT] 1e-4")
+    g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="[DiT] constant; cosine decays to --min-lr after --warmup-frac")
+    g.add_argument("--warmup-frac", type=float, default=0.0)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="[DiT] 0")
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="[DiT] 0.9999")
+    g.add_argument("--max-nonfinite", type=int, default=10)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speed")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
+    g.add_argument("--no-kernels", action="store_true")
+    g.add_argument("--device", default=None)
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", default=None, help="run directory (default: runs/dit-<model>)")
+    g.add_argument("--resume", default="auto")
+    g.add_argument("--keep", type=int, default=3)
+    g.add_argument("--save-every", type=int, default=5000)
+    g.add_argument("--sample-every", type=int, default=5000, help="sample grid from the EMA")
+    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the grids")
+    g.add_argument("--cfg", type=float, default=1.5, help="guidance scale of the grids")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--smoke", action="store_true", help="a CPU-sized run on latents of the "
+                   "embedded photos under a random T-T/8 ViTok (written to <out-dir>/smoke)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    if args.out_dir is None:
+        args.out_dir = str(Path("runs") / f"dit-{args.model.replace('/', '_')}")
+    if args.latents is None and not args.smoke:
+        raise UserError("--latents is required: a directory written by python -m vitok_fast.encode "
+                        "(or pass --smoke for a tiny run on made-up latents)")
+    for key in ("micro_batch_size", "max_steps", "global_batch_size", "sample_steps"):
+        if getattr(args, key) <= 0:
+            raise UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    return args
+
+
+def smoke_latents(out: Path, seed: int) -> tuple[Path, Path]:
+    """Encode the embedded photos (32 px, 2 classes by parity) with a random T-T/8 ViTok."""
+    from vitok_fast.data import make_dataset
+    from vitok_fast.dit import write_latent_set
+    from vitok_fast.model import ViTok
+
+    vitok_dir, latent_dir = out / "smoke" / "vitok", out / "smoke" / "latents"
+    if not (latent_dir / "stats.json").is_file():
+        torch.manual_seed(seed)
+        vitok = ViTok.from_name("T-T/8", use_kernels=False).eval()
+        data = make_dataset("embedded", 32, train=False)
+        x = torch.stack([data[i] for i in range(len(data))])
+        with torch.no_grad():
+            posterior = vitok.encode(x)
+        write_latent_set(latent_dir, posterior.mean, posterior.logvar,
+                         torch.arange(len(x)) % 2, ["even", "odd"],
+                         [f"embedded/{i}" for i in range(len(x))],
+                         meta={"model": "T-T/8", "resolution": 32, "frames": 1})
+        vitok.save_pretrained(vitok_dir)
+    return latent_dir, vitok_dir
+
+
+class LatentItems(torch.utils.data.Dataset):
+    def __init__(self, latents: dict):
+        self.mean, self.logvar, self.label = latents["mean"], latents["logvar"], latents["label"]
+
+    def __len__(self):
+        return len(self.mean)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key  # the sampler's (index, seed)
+        return self.mean[i], self.logvar[i], self.label[i]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    dist = D.setup(args.device)
+    device, main_rank = dist.device, dist.is_main
+    dtype = autocast_dtype(args, device)
+    out_dir = Path(args.out_dir)
+
+    # -- everything that can fail on user input fails here, before training starts ----------
+    accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
+    if args.smoke and args.latents is None:
+        if main_rank:
+            args.latents, args.vitok = map(str, smoke_latents(out_dir, args.seed))
+        D.barrier()
+        args.latents, args.vitok = str(out_dir / "smoke" / "latents"), str(out_dir / "smoke" / "vitok")
+    latents = load_latent_set(args.latents)
+    norm = LatentNorm(latents["stats"], args.per_channel_norm)
+    classes = latents["index"].get("classes") or []
+    num_classes = max(1, len(classes))
+    latent_shape = tuple(latents["mean"].shape[1:])
+    vitok = None
+    if args.vitok:
+        from vitok_fast.evaluate import resolve_ckpt
+        from vitok_fast.model import ViTok
+
+        vitok = ViTok.from_pretrained(resolve_ckpt(args.vitok), device=device,
+                                      **({"use_kernels": False} if args.no_kernels else {})).eval()
+    config = DiTConfig.from_name(args.model, channels=latent_shape[0], num_classes=num_classes,
+                                 class_dropout=args.class_dropout, use_kernels=not args.no_kernels)
+    resume_from = resolve_checkpoint(args.resume, out_dir)
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        info = {"latents": str(args.latents), "vitok": args.vitok, "stats": latents["stats"],
+                "per_channel_norm": args.per_channel_norm, "latent_shape": list(latent_shape),
+                "classes": classes}
+        atomic_write(out_dir / LATENT_FILE,
+                     lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
+
+    # -- model, EMA, optimizer, schedule; a resumed run reloads all of them ------------------
+    torch.manual_seed(args.seed)  # the same random init on every rank
+    model = DiT(config).to(device)
+    ema = EMA(model, args.ema_decay, track="")
+    state = load_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        model.load_state_dict(DiT.from_pretrained(resume_from).state_dict())
+        ema.model.load_state_dict(DiT.from_pretrained(resume_from / "ema").state_dict())
+    if args.compile:  # per block, in place: state-dict keys are unchanged
+        for block in model.blocks:
+            block.compile()
+    model = D.wrap_model(model, dist, "ddp")
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, device, betas=(0.9, 0.999))
+    if args.schedule == "cosine":
+        scheduler = cosine_schedule(optimizer, args.lr, args.max_steps, args.warmup_frac, args.min_lr)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    guard = NonFiniteGuard(args.max_nonfinite)
+    diffusion = Diffusion()
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = restore_run_state(state, args, guard, dist.rank, main_rank)
+
+    loader = make_loader(LatentItems(latents), args.micro_batch_size, seed=args.seed,
+                         rank=dist.rank, world=dist.world, start_batches=step * accum,
+                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    noise = torch.Generator(device)
+    logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="DiT")
+    n_params = sum(p.numel() for p in model.parameters())
+    if main_rank:
+        logger.print(f"{config.name}: {n_params / 1e6:.1f}M params on latents {latent_shape} "
+                     f"({len(latents['mean'])} items, {num_classes} classes) | {dist.world} "
+                     f"rank(s) x {args.micro_batch_size} x {accum} accum = "
+                     f"{args.global_batch_size} per step | "
+                     + (f"resumed from {resume_from} at step {step}" if state else "fresh start"))
+    # 6 x params x tokens per sample, the usual transformer estimate (adaLN counted in full)
+    tokens = latent_shape[-1] * latent_shape[-2] * (latent_shape[1] if len(latent_shape) == 4 else 1)
+    throughput = Throughput(n_params * tokens // config.patch_size**2, device, dist.world)
+    losses = []
+
+    def checkpoint(step):
+        rngs = D.gather_objects(rng_state())
+        if main_rank:
+            save_checkpoint(out_dir, step, D.unwrap(model), {
+                "step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "guard": guard.state_dict(), "rng": rngs,
+                "args": vars(args), "data": {"batches_per_rank": step * accum,
+                                             "micro_batch": args.micro_batch_size,
+                                             "world": dist.world},
+            }, extra_models={"ema": ema.model}, keep=args.keep)
+        D.barrier()
+
+    def sample_grid(step):
+        """One row per class (at most 8 classes, 8 samples each) from the EMA, fixed noise."""
+        from vitok_fast.sample import decode_samples, save_sample_grid
+
+        rows = min(num_classes, 8)
+        y = torch.arange(rows, device=device).repeat_interleave(8)
+        if not classes:
+            y = torch.zeros_like(y)
+        gen = torch.Generator(device).manual_seed(args.seed)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            z = diffusion.ddim_sample(ema.model, (len(y), *latent_shape), y,
+                                      steps=args.sample_steps, cfg=args.cfg if classes else 1.0,
+                                      generator=gen, device=device)
+        pixels = decode_samples(vitok, norm.denormalize(z.float()))
+        save_sample_grid(out_dir / "samples" / f"step_{step:08d}.png", pixels, rows)
+
+    # -- the loop ----------------------------------------------------------------------------
+    model.train()
+    while step < args.max_steps:
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            mean, logvar, y = (t.to(device, non_blocking=True) for t in next(batches))
+            noise.manual_seed(noise_seed(args.seed, step, micro * dist.world + dist.rank))
+            z = mean
+            if args.posterior == "sample":
+                z = mean + torch.exp(0.5 * logvar) * torch.randn(
+                    mean.shape, device=device, generator=noise)
+            z = norm.normalize(z)
+            # [DiT] class dropout; unlabelled items (-1) always train the null class
+            drop = (torch.rand(y.shape, device=device, generator=noise) < args.class_dropout) | (y < 0)
+            y = y.clamp_min(0)
+            with D.sync_gradients(model, micro == accum - 1):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = diffusion.loss(model, z, y, generator=noise, drop_labels=drop)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm(model.parameters(), args.grad_clip)
+        loss_mean = float(D.all_mean(loss_sum / accum))
+        if guard.check(loss_mean, float(grad_norm), step):
+            optimizer.step()
+            ema.update(D.unwrap(model))
+        optimizer.zero_grad(set_to_none=True)
+        lr_now = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        throughput.tick(args.global_batch_size)
+        losses.append(loss_mean)
+        logger.step()
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            per_s, mfu = throughput.rate()
+            logger.log(step, {"train/loss": loss_mean, "train/grad_norm": float(grad_norm),
+                              "train/lr": lr_now, "perf/latents_per_s": per_s, "perf/mfu": mfu,
+                              "train/nonfinite_steps": guard.skipped},
+                       bar={"loss": f"{loss_mean:.4f}", "lr": f"{lr_now:.1e}",
+                            "lat/s": f"{per_s:.0f}"})
+        if main_rank and vitok is not None and (step % args.sample_every == 0
+                                                or step == args.max_steps):
+            sample_grid(step)
+            logger.plot()
+        if step % args.save_every == 0 or step == args.max_steps:
+            checkpoint(step)
+
+    logger.close()
+    D.cleanup()
+    return {"step": step, "losses": losses, "nonfinite_steps": guard.skipped,
+            "out_dir": str(out_dir)}
+
+
+if __name__ == "__main__":
+    run(main)
