@@ -36,7 +36,7 @@ def _script(name):
     return module
 
 
-stage1, stage2 = _script("stage1"), _script("stage2")
+stage1, stage2, dit = _script("stage1"), _script("stage2"), _script("dit")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -287,6 +287,32 @@ def test_stage2_sigterm_saves_and_the_resume_is_bit_identical_ema_included(tmp_p
     for sub in ("", "ema"):
         assert _same_weights(run.out / final / sub, tmp_path / "full" / final / sub), sub
     assert _losses(run.out, "train/loss_d") == _losses(tmp_path / "full", "train/loss_d")
+
+
+def test_dit_sigusr1_saves_and_the_resume_is_bit_identical_ema_included(tmp_path):
+    def args(out, resume=""):
+        return ["--smoke", "--no-kernels", "--max-steps", str(STEPS), "--log-every", "1",
+                "--save-every", "100", "--sample-every", "100000", "--out-dir", str(out),
+                "--resume", resume]
+
+    run = Run("dit", tmp_path / "cut", args(tmp_path / "cut"))
+    try:
+        _signal_after_first_step({"cut": run}, {"cut": [signal.SIGUSR1]})
+    finally:
+        _kill_leftovers({"cut": run})
+    assert run.proc.returncode == 138, run.output()[-2000:]
+    (saved,) = run.out.glob("step_*")
+    assert "stopped by SIGUSR1" in run.output() and int(saved.name[5:]) < STEPS
+
+    dit.main(args(run.out, resume="auto"))
+    dit.main(args(tmp_path / "full"))
+    final = f"step_{STEPS:08d}"
+    for sub in ("", "ema"):
+        assert _same_weights(run.out / final / sub, tmp_path / "full" / final / sub), sub
+    assert _losses(run.out) == _losses(tmp_path / "full")
+    assert "already finished" in subprocess.run(  # a finished run says so and does nothing
+        [sys.executable, str(ROOT / "train" / "dit.py"), *args(run.out, resume="auto")],
+        capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
 
 
 def _torchrun(out, *launcher, steps=6, env=None):

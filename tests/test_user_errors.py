@@ -32,8 +32,8 @@ def _script(name):
     return module
 
 
-stage1, stage2 = _script("stage1"), _script("stage2")
-TOOLS = {"stage1": stage1.main, "stage2": stage2.main, "evaluate": evaluate.main,
+stage1, stage2, dit = _script("stage1"), _script("stage2"), _script("dit")
+TOOLS = {"stage1": stage1.main, "stage2": stage2.main, "dit": dit.main, "evaluate": evaluate.main,
          "encode": encode.main, "decode": decode.main, "reconstruct": reconstruct.main,
          "plots": plots.main}
 
@@ -107,6 +107,13 @@ CASES = [
                 "--out", str(f / "latents")], ["latents", "config.channels: 8 -> 16"]),
     ("training-without-data", "stage1", lambda f: ["--out-dir", str(f / "o"), "--no-kernels"],
      ["--data", "embedded"]),
+    ("dit-without-latents", "dit", lambda f: ["--out-dir", str(f / "o")], ["--latents"]),
+    ("dit-latents-missing", "dit", lambda f: ["--latents", str(f / "nope"), "--out-dir",
+                                              str(f / "o")], ["--latents", "nope"]),
+    ("dit-save-every-0", "dit", lambda f: ["--smoke", "--save-every", "0", "--out-dir",
+                                           str(f / "o")], ["--save-every", "0"]),
+    ("dit-class-dropout-2", "dit", lambda f: ["--smoke", "--class-dropout", "2", "--out-dir",
+                                              str(f / "o")], ["--class-dropout", "2"]),
     # -- counts: negative, zero, not an integer; numbers out of range ------------------------
     ("micro-batch-negative", "stage1", lambda f: _train(f / "o", "--micro-batch-size", "-4"),
      ["--micro-batch-size", "-4"]),
@@ -247,6 +254,7 @@ PROCESS_CASES = [
     ("stage1", lambda f: [str(ROOT / "train" / "stage1.py"), "--smoke", "--max-steps", "0"],
      "--max-steps"),
     ("stage2", lambda f: [str(ROOT / "train" / "stage2.py"), "--smoke", "--init", "auto"], "--init"),
+    ("dit", lambda f: [str(ROOT / "train" / "dit.py"), "--smoke", "--keep", "0"], "--keep"),
     ("evaluate", lambda f: ["-m", "vitok_fast.evaluate", "--ckpt", str(f / "truncated"),
                             "--data", str(f / "photos")], "model.safetensors"),
     ("encode", lambda f: ["-m", "vitok_fast.encode", "--ckpt", str(f / "ckpt"), "--data",

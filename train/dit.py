@@ -21,15 +21,17 @@ from pathlib import Path
 import torch
 
 from vitok_fast import distributed as D
-from vitok_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint
-from vitok_fast.cli import UserError, run
+from vitok_fast.checkpoint import load_resume, save_checkpoint, step_dir_name
+from vitok_fast import cli
+from vitok_fast.cli import UserError
 from vitok_fast.data import make_loader
 from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm, load_latent_set
 from vitok_fast.fileio import atomic_write
 from vitok_fast.sample import LATENT_FILE  # <run>/latents.json: what the sample CLI reads
-from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, Throughput, accumulation_steps,
-                                 autocast_dtype, build_optimizer, clip_grad_norm, cosine_schedule,
-                                 noise_seed, restore_run_state, rng_state)
+from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
+                                 accumulation_steps, autocast_dtype, build_optimizer,
+                                 clip_grad_norm, cosine_schedule, noise_seed, restore_run_state,
+                                 resume_command, rng_state)
 
 
 # [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
@@ -38,49 +40,49 @@ SMOKE = dict(model="DiT-T/1", global_batch_size=8, micro_batch_size=4, max_steps
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="DiT-XL/1", help="DiT-S/B/L/XL (or T, tiny) / patch size "
                    "over the latent grid [paper: DiT-XL, patch 1 on ViTok /16 latents]")
-    g.add_argument("--latents", default=None, help="labelled latent shards + stats.json "
+    g.add_argument("--latents", type=cli.existing_dir, default=None, help="labelled latent shards + stats.json "
                    "(python -m vitok_fast.encode)")
-    g.add_argument("--vitok", default=None, help="the ViTok that encoded them: decodes sample grids")
+    g.add_argument("--vitok", type=cli.existing_dir, default=None, help="the ViTok that encoded them: decodes sample grids")
     g.add_argument("--posterior", choices=["sample", "mean"], default="sample",
                    help="train on posterior samples (fresh each step) or the mean")
     g.add_argument("--per-channel-norm", action="store_true",
                    help="normalise each channel by its own mean/std instead of one shift/scale")
-    g.add_argument("--class-dropout", type=float, default=0.1, help="[DiT] 0.1")
-    g.add_argument("--num-workers", type=int, default=0, help="the latents are in memory")
+    g.add_argument("--class-dropout", type=cli.fraction, default=0.1, help="[DiT] 0.1")
+    g.add_argument("--num-workers", type=cli.nonnegative_int, default=0, help="the latents are in memory")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--global-batch-size", type=int, default=256, help="[DiT] 256")
-    g.add_argument("--micro-batch-size", type=int, default=32)
-    g.add_argument("--max-steps", type=int, default=400_000, help="[DiT] 400k for its Table 4")
-    g.add_argument("--lr", type=float, default=1e-4, help="[DiT] 1e-4")
+    g.add_argument("--global-batch-size", type=cli.positive_int, default=256, help="[DiT] 256")
+    g.add_argument("--micro-batch-size", type=cli.positive_int, default=32)
+    g.add_argument("--max-steps", type=cli.positive_int, default=400_000, help="[DiT] 400k for its Table 4")
+    g.add_argument("--lr", type=cli.positive_float, default=1e-4, help="[DiT] 1e-4")
     g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="[DiT] constant; cosine decays to --min-lr after --warmup-frac")
-    g.add_argument("--warmup-frac", type=float, default=0.0)
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--weight-decay", type=float, default=0.0, help="[DiT] 0")
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="[DiT] 0.9999")
-    g.add_argument("--max-nonfinite", type=int, default=10)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--warmup-frac", type=cli.fraction, default=0.0)
+    g.add_argument("--min-lr", type=cli.nonnegative_float, default=1e-5)
+    g.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.0, help="[DiT] 0")
+    g.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
+    g.add_argument("--ema-decay", type=cli.fraction, default=0.9999, help="[DiT] 0.9999")
+    g.add_argument("--max-nonfinite", type=cli.positive_int, default=10)
+    g.add_argument("--seed", type=cli.nonnegative_int, default=0)
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     g.add_argument("--no-kernels", action="store_true")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", type=cli.device, default=None)
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default=None, help="run directory (default: runs/dit-<model>)")
+    g.add_argument("--out-dir", type=cli.output_dir, default=None, help="run directory (default: runs/dit-<model>)")
     g.add_argument("--resume", default="auto")
-    g.add_argument("--keep", type=int, default=3)
-    g.add_argument("--save-every", type=int, default=5000)
-    g.add_argument("--sample-every", type=int, default=5000, help="sample grid from the EMA")
-    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the grids")
-    g.add_argument("--cfg", type=float, default=1.5, help="guidance scale of the grids")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--keep", type=cli.positive_int, default=3)
+    g.add_argument("--save-every", type=cli.positive_int, default=5000)
+    g.add_argument("--sample-every", type=cli.positive_int, default=5000, help="sample grid from the EMA")
+    g.add_argument("--sample-steps", type=cli.positive_int, default=50, help="DDIM steps of the grids")
+    g.add_argument("--cfg", type=cli.nonnegative_float, default=1.5, help="guidance scale of the grids")
+    g.add_argument("--log-every", type=cli.positive_int, default=10)
     g.add_argument("--smoke", action="store_true", help="a CPU-sized run on latents of the "
                    "embedded photos under a random T-T/8 ViTok (written to <out-dir>/smoke)")
     args = p.parse_args(argv)
@@ -93,9 +95,6 @@ def parse_args(argv=None):
     if args.latents is None and not args.smoke:
         raise UserError("--latents is required: a directory written by python -m vitok_fast.encode "
                         "(or pass --smoke for a tiny run on made-up latents)")
-    for key in ("micro_batch_size", "max_steps", "global_batch_size", "sample_steps"):
-        if getattr(args, key) <= 0:
-            raise UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     return args
 
 
@@ -134,6 +133,11 @@ class LatentItems(torch.utils.data.Dataset):
 
 
 def main(argv=None) -> dict:
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
+        return train(argv, stop)
+
+
+def train(argv, stop: StopOnSignal) -> dict:
     args = parse_args(argv)
     dist = D.setup(args.device)
     device, main_rank = dist.device, dist.is_main
@@ -161,7 +165,7 @@ def main(argv=None) -> dict:
                                       **({"use_kernels": False} if args.no_kernels else {})).eval()
     config = DiTConfig.from_name(args.model, channels=latent_shape[0], num_classes=num_classes,
                                  class_dropout=args.class_dropout, use_kernels=not args.no_kernels)
-    resume_from = resolve_checkpoint(args.resume, out_dir)
+    resume_from, state = load_resume(args.resume, out_dir, verbose=main_rank)
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
         info = {"latents": str(args.latents), "vitok": args.vitok, "stats": latents["stats"],
@@ -174,7 +178,6 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)  # the same random init on every rank
     model = DiT(config).to(device)
     ema = EMA(model, args.ema_decay, track="")
-    state = load_state(resume_from) if resume_from is not None else None
     if state is not None:
         model.load_state_dict(DiT.from_pretrained(resume_from).state_dict())
         ema.model.load_state_dict(DiT.from_pretrained(resume_from / "ema").state_dict())
@@ -194,10 +197,17 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = restore_run_state(state, args, guard, dist.rank, main_rank)
+    if step >= args.max_steps:
+        if main_rank:
+            print(f"run already finished at step {step} ({out_dir}); nothing to do")
+        D.cleanup()
+        return {"step": step, "losses": [], "nonfinite_steps": guard.skipped,
+                "out_dir": str(out_dir)}
 
     loader = make_loader(LatentItems(latents), args.micro_batch_size, seed=args.seed,
                          rank=dist.rank, world=dist.world, start_batches=step * accum,
                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    stop.arm()  # from here a signal stops the run after the current step (workers inherit it)
     batches = iter(loader)
     noise = torch.Generator(device)
     logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="DiT")
@@ -212,8 +222,10 @@ def main(argv=None) -> dict:
     tokens = latent_shape[-1] * latent_shape[-2] * (latent_shape[1] if len(latent_shape) == 4 else 1)
     throughput = Throughput(n_params * tokens // config.patch_size**2, device, dist.world)
     losses = []
+    saved_at = step
 
     def checkpoint(step):
+        nonlocal saved_at
         rngs = D.gather_objects(rng_state())
         if main_rank:
             save_checkpoint(out_dir, step, D.unwrap(model), {
@@ -224,6 +236,7 @@ def main(argv=None) -> dict:
                                              "world": dist.world},
             }, extra_models={"ema": ema.model}, keep=args.keep)
         D.barrier()
+        saved_at = step
 
     def sample_grid(step):
         """One row per class (at most 8 classes, 8 samples each) from the EMA, fixed noise."""
@@ -287,7 +300,16 @@ def main(argv=None) -> dict:
             logger.plot()
         if step % args.save_every == 0 or step == args.max_steps:
             checkpoint(step)
+        if stop.agreed(device):  # every rank stops after the same step
+            break
 
+    if stop.stopped and step < args.max_steps:  # a stop in the last step: the run is done
+        if saved_at != step:
+            checkpoint(step)
+        logger.close()
+        D.cleanup()
+        stop.exit(step, out_dir / step_dir_name(step),
+                  resume_command(__file__, argv, out_dir / step_dir_name(step)), main_rank)
     logger.close()
     D.cleanup()
     return {"step": step, "losses": losses, "nonfinite_steps": guard.skipped,
@@ -295,4 +317,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)
