@@ -4,7 +4,7 @@
     python train/stage1.py --smoke                              # tiny CPU run, ~1 minute
     torchrun --nproc_per_node 8 train/stage1.py --data "shards/{000..099}.tar" --compile
 
-[paper] Section 2.3 (SPEC.md section 2): beta = 1e-3, eta = 1, AdamW (0.9, 0.95), weight
+[paper] Section 2.3 (docs/design.md section 2): beta = 1e-3, eta = 1, AdamW (0.9, 0.95), weight
 decay 1e-4, peak lr 1e-4 * batch * frames / 256, cosine with 3% warm-up to 1e-5, gradient
 clipping 1.0, bf16, batch 1024 images / 256 videos, 100k steps. No EMA in stage 1.
 The model knows nothing of DDP, compile or checkpoints: they are applied here, from outside.
