@@ -14,8 +14,9 @@ EXTRAS = {
     "eval": ["torch-fidelity>=0.3", "lpips>=0.1.4", "av>=12", "matplotlib>=3.8", "tqdm>=4.66",
              "scikit-image>=0.22", "Pillow>=10"],
     # bench_e2e.py and profile_step.py also run LPIPS and show progress.
+    # generation_digits.py scores DiT samples with a scikit-learn classifier on its digits.
     "bench": ["diffusers>=0.27", "pytest-benchmark>=4.0", "nvtx>=0.2.10", "matplotlib>=3.8",
-              "tqdm>=4.66", "lpips>=0.1.4"],
+              "tqdm>=4.66", "lpips>=0.1.4", "scikit-learn>=1.3"],
     # Hub ids in ViTok.from_pretrained and push_to_hub; vitok_fast.diffusers.AutoencoderViTok.
     # Both optional: `import vitok_fast` imports neither.
     "hub": ["huggingface_hub>=0.23"],

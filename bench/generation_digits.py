@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vitok_fast.cli import UserError, run  # noqa: E402
-from vitok_fast.fileio import atomic_write  # noqa: E402
+from vitok_fast.cli import UserError, run
+from vitok_fast.fileio import atomic_write
 
 UP = 4  # 8x8 -> 32x32
 KEYS = ("accuracy_conditional", "accuracy_unconditional", "accuracy_real_heldout", "fd_samples",
@@ -233,6 +231,17 @@ def main(argv=None) -> dict:
     record = run_check(args.seed, vitok_steps=args.vitok_steps, dit_steps=args.dit_steps,
                        per_class=args.per_class, cfg=args.cfg,
                        sampling_steps=args.sampling_steps, grid=args.grid)
+    import platform
+
+    import sklearn
+
+    from vitok_fast.benchmarking import git_commit
+
+    record["environment"] = {  # beside the figures: where and from what they came
+        "device": f"cpu: {platform.processor() or platform.machine()}, "
+                  f"{os.cpu_count()} cores, {args.threads} torch thread(s)",
+        "torch": torch.__version__, "sklearn": sklearn.__version__,
+        "python": platform.python_version(), "commit": git_commit()}
     print(json.dumps(record, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
