@@ -1,7 +1,6 @@
 """Class-conditional DiT on ViTok latents: the model, the diffusion, train/dit.py, the sample
 and gFID command lines, and a short run of bench/generation_digits.py."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,15 +15,8 @@ import torch
 from vitok_fast import metrics as M
 from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, load_script
 
-
-def _script(path):
-    """A script of train/ or bench/ as a module, without putting its folder on sys.path."""
-    spec = importlib.util.spec_from_file_location(f"vitok_script_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_dit_sizes_have_the_papers_parameter_counts():
@@ -117,7 +109,7 @@ def test_latent_norm_round_trips_and_uses_the_shift_and_scale():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    train_dit = _script(ROOT / "train" / "dit.py")
+    train_dit = load_script("train/dit.py")
 
     out = tmp_path_factory.mktemp("dit_run")
     result = train_dit.main(["--smoke", "--no-kernels", "--out-dir", str(out), "--max-steps", "4",
@@ -126,7 +118,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_run_trains_saves_and_resumes_exactly(smoke_run, tmp_path):
-    train_dit = _script(ROOT / "train" / "dit.py")
+    train_dit = load_script("train/dit.py")
 
     out, full = smoke_run
     assert full["step"] == 4 and all(math.isfinite(x) for x in full["losses"])
@@ -179,7 +171,7 @@ def test_sample_cli_rejects_a_class_the_dit_does_not_have(smoke_run, tmp_path):
 
 @pytest.mark.slow(reason="trains a ViTok and a DiT on the digits (~70 s on 2 shared cores)")
 def test_generation_digits_short_run_beats_chance_by_far():
-    generation_digits = _script(ROOT / "bench" / "generation_digits.py")
+    generation_digits = load_script("bench/generation_digits.py")
 
     torch.set_num_threads(1)
     start = time.perf_counter()

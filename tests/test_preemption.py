@@ -7,7 +7,6 @@ a signal or die are subprocesses (one thread too, so that the arithmetic is the 
 the single-process ones start together to share their interpreter start-up.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -25,18 +24,11 @@ from safetensors.torch import load_file
 from vitok_fast.checkpoint import CheckpointError
 from vitok_fast.training import StopOnSignal, truncate_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, load_script
 STEPS = 12  # long enough that a signal sent after step 1 lands well before the end
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"vitok_train_{name}", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stage1, stage2, dit = _script("stage1"), _script("stage2"), _script("dit")
+stage1, stage2, dit = (load_script(f"train/{name}.py") for name in ("stage1", "stage2", "dit"))
 
 
 @pytest.fixture(autouse=True, scope="module")

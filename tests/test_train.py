@@ -5,7 +5,6 @@ except the two-rank test, which launches torchrun. Kernels are off (``--no-kerne
 tests are about training, and the plain-PyTorch path keeps them fast.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,17 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, load_script
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"vitok_train_{name}", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stage1, stage2 = _script("stage1"), _script("stage2")
+stage1, stage2 = load_script("train/stage1.py"), load_script("train/stage2.py")
 
 
 @pytest.fixture(autouse=True, scope="module")

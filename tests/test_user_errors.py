@@ -6,7 +6,6 @@ one bad command line per tool runs as a real subprocess, which also proves that 
 ``__main__`` goes through ``cli.run``. docs/reliability.md lists these cases.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,17 +21,10 @@ from vitok_fast import ViTok, cli
 from vitok_fast import decode, encode, evaluate, plots, reconstruct
 from vitok_fast.checkpoint import save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, load_script
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"vitok_errors_{name}", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stage1, stage2, dit = _script("stage1"), _script("stage2"), _script("dit")
+stage1, stage2, dit = (load_script(f"train/{name}.py") for name in ("stage1", "stage2", "dit"))
 TOOLS = {"stage1": stage1.main, "stage2": stage2.main, "dit": dit.main, "evaluate": evaluate.main,
          "encode": encode.main, "decode": decode.main, "reconstruct": reconstruct.main,
          "plots": plots.main}

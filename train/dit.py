@@ -20,18 +20,18 @@ from pathlib import Path
 
 import torch
 
-from vitok_fast import distributed as D
-from vitok_fast.checkpoint import load_resume, save_checkpoint, step_dir_name
 from vitok_fast import cli
+from vitok_fast import distributed as D
+from vitok_fast.checkpoint import load_resume, save_checkpoint
 from vitok_fast.cli import UserError
 from vitok_fast.data import make_loader
 from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm, load_latent_set
 from vitok_fast.fileio import atomic_write
 from vitok_fast.sample import LATENT_FILE  # <run>/latents.json: what the sample CLI reads
 from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
-                                 accumulation_steps, autocast_dtype, build_optimizer,
-                                 clip_grad_norm, cosine_schedule, noise_seed, restore_run_state,
-                                 resume_command, rng_state)
+                                 accumulation_steps, already_finished, autocast_dtype,
+                                 build_optimizer, clip_grad_norm, cosine_schedule, noise_seed,
+                                 restore_run_state, rng_state)
 
 
 # [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
@@ -197,10 +197,7 @@ def train(argv, stop: StopOnSignal) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = restore_run_state(state, args, guard, dist.rank, main_rank)
-    if step >= args.max_steps:
-        if main_rank:
-            print(f"run already finished at step {step} ({out_dir}); nothing to do")
-        D.cleanup()
+    if already_finished(step, args.max_steps, out_dir, main_rank):
         return {"step": step, "losses": [], "nonfinite_steps": guard.skipped,
                 "out_dir": str(out_dir)}
 
@@ -303,13 +300,8 @@ def train(argv, stop: StopOnSignal) -> dict:
         if stop.agreed(device):  # every rank stops after the same step
             break
 
-    if stop.stopped and step < args.max_steps:  # a stop in the last step: the run is done
-        if saved_at != step:
-            checkpoint(step)
-        logger.close()
-        D.cleanup()
-        stop.exit(step, out_dir / step_dir_name(step),
-                  resume_command(__file__, argv, out_dir / step_dir_name(step)), main_rank)
+    stop.exit_if_stopped(step, args.max_steps, saved_at, checkpoint, logger, out_dir,
+                         __file__, argv, main_rank)
     logger.close()
     D.cleanup()
     return {"step": step, "losses": losses, "nonfinite_steps": guard.skipped,

@@ -19,18 +19,18 @@ import torch
 from vitok_fast import ViTok, cli
 from vitok_fast import distributed as D
 from vitok_fast.checkpoint import (is_complete, latest_checkpoint, load_resume,
-                                   resolve_checkpoint, save_checkpoint, step_dir_name)
+                                   resolve_checkpoint, save_checkpoint)
 from vitok_fast.data import make_dataset, make_loader
 from vitok_fast.discriminator import Discriminator
 from vitok_fast.faults import kill_point
 from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
                                reconstruction_loss)
-from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, StopOnSignal,
-                                 Throughput, accumulation_steps, add_common_args, autocast_dtype, build_lpips,
-                                 build_optimizer, check_resume_model, clip_grad_norm,
-                                 cosine_schedule, evaluate, finalize_args, heldout_batch,
-                                 model_macs, noise_seed, peak_lr, restore_run_state,
-                                 resume_command, rng_state, save_grid, tune_attention, write_bench)
+from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
+                                 accumulation_steps, add_common_args, already_finished,
+                                 autocast_dtype, build_lpips, build_optimizer, check_resume_model,
+                                 clip_grad_norm, cosine_schedule, evaluate, finalize_args,
+                                 heldout_batch, model_macs, noise_seed, peak_lr, restore_run_state,
+                                 rng_state, save_grid, tune_attention, write_bench)
 
 
 def _init_dir(text: str) -> str:
@@ -147,10 +147,7 @@ def train(argv, stop: StopOnSignal) -> dict:
         sched_g.load_state_dict(state["scheduler"])
         sched_d.load_state_dict(state["disc_scheduler"])
         step = restore_run_state(state, args, guard, dist.rank, main_rank)
-    if step >= args.max_steps:
-        if main_rank:
-            print(f"run already finished at step {step} ({out_dir}); nothing to do")
-        D.cleanup()
+    if already_finished(step, args.max_steps, out_dir, main_rank):
         return {"step": step, "losses": [], "val_psnr": [], "skipped": 0,
                 "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
 
@@ -275,13 +272,8 @@ def train(argv, stop: StopOnSignal) -> dict:
         if stop.agreed(device):  # every rank stops after the same step
             break
 
-    if stop.stopped and step < args.max_steps:  # a stop in the last step: the run is done
-        if saved_at != step:
-            checkpoint(step)
-        logger.close()
-        D.cleanup()
-        stop.exit(step, out_dir / step_dir_name(step),
-                  resume_command(__file__, argv, out_dir / step_dir_name(step)), main_rank)
+    stop.exit_if_stopped(step, args.max_steps, saved_at, checkpoint, logger, out_dir,
+                         __file__, argv, main_rank)
     n_skipped = skipped()
     if main_rank and n_skipped:
         logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")

@@ -26,6 +26,7 @@ import torch.nn as nn
 from vitok_fast import attention, cli
 from vitok_fast import distributed as D
 from vitok_fast.config import ViTokConfig
+from vitok_fast.checkpoint import step_dir_name
 from vitok_fast.fileio import atomic_write
 from vitok_fast.losses import psnr
 
@@ -249,9 +250,8 @@ class StopOnSignal:
                 ...one step...
                 if stop.agreed(device):       # every rank, every step
                     break
-            if stop.stopped and step < max_steps:
-                save the checkpoint of ``step`` unless this step just saved one
-                stop.exit(step, ckpt_dir, resume_command(__file__, argv, ckpt_dir), main_rank)
+            stop.exit_if_stopped(step, max_steps, saved_at, checkpoint, logger, out_dir,
+                                 __file__, argv, main_rank)   # saves, says how to resume, exits
 
     Before :meth:`arm` the signals keep their usual effect, so that a job stuck in set-up
     (a rendezvous, a slow file system) still dies at once. Under torchrun a signal may reach
@@ -334,6 +334,30 @@ class StopOnSignal:
             print(f"stopped by {signal.Signals(self.stopped_by).name} after step {step}: "
                   f"checkpoint {checkpoint}\nto resume: {command}", file=sys.stderr, flush=True)
         raise SystemExit(self.exit_code)
+
+    def exit_if_stopped(self, step: int, max_steps: int, saved_at: int, checkpoint, logger,
+                        out_dir, script, argv, main_rank: bool) -> None:
+        """After the loop: if the ranks agreed to stop before ``max_steps``, save the
+        checkpoint of ``step`` (unless the loop just saved it), close the logs and the process
+        group, and :meth:`exit`. A stop in the last step lets the run finish normally."""
+        if not self.stopped or step >= max_steps:
+            return
+        if saved_at != step:
+            checkpoint(step)
+        logger.close()
+        D.cleanup()
+        ckpt = Path(out_dir) / step_dir_name(step)
+        self.exit(step, ckpt, resume_command(script, argv, ckpt), main_rank)
+
+
+def already_finished(step: int, max_steps: int, out_dir, main_rank: bool) -> bool:
+    """A resumed run with no step left says so (rank 0) and releases the process group."""
+    if step < max_steps:
+        return False
+    if main_rank:
+        print(f"run already finished at step {step} ({out_dir}); nothing to do")
+    D.cleanup()
+    return True
 
 
 def resume_command(script, argv: list[str] | None, checkpoint) -> str:
