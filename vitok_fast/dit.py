@@ -36,7 +36,7 @@ from einops import rearrange
 from vitok_fast.fileio import atomic_write
 from vitok_fast.kernels import rope_cos_sin
 from vitok_fast.kernels.rope import rope_split
-from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE, Attention, RMSNorm, SwiGLU, _check_state
+from vitok_fast.model import Attention, RMSNorm, SwiGLU, load_model_dir, save_model_dir
 
 # [DiT] Table 1: blocks, hidden size, heads. SwiGLU hidden 8d/3 (rounded up to a multiple
 # of 8) keeps the MLP's parameter count of DiT's 4d GELU MLP [ours]. "T" is a tiny size of
@@ -241,32 +241,12 @@ class DiT(nn.Module):
     # -- checkpoint I/O: the same two files as a ViTok, so vitok_fast.checkpoint keeps runs ----
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(
-            state, path, metadata={"format": "pt", "dit_config": self.config.to_json()}))
-        atomic_write(directory / CONFIG_FILE,
-                     lambda path: Path(path).write_text(self.config.to_json() + "\n"))
+        save_model_dir(self, directory, "dit_config")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device="cpu", **overrides) -> "DiT":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"expected a DiT checkpoint file {path} (written by "
-                                        f"train/dit.py or DiT.save_pretrained), it does not exist")
-        config = DiTConfig.from_dict({**json.loads(config_path.read_text()), **overrides})
-        state = load_file(weights_path, device=str(device))
-        model = cls(config)
-        _check_state(model.state_dict(), state, config_path, weights_path)
-        model.load_state_dict(state, strict=True)
-        return model.to(device)
+        return load_model_dir(cls, DiTConfig, Path(directory), "DiT", device=device,
+                              overrides=overrides)
 
 
 # -- the diffusion ---------------------------------------------------------------------------

@@ -352,15 +352,7 @@ class ViTok(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors``, each atomically."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(
-            state, path, metadata={"format": "pt", "vitok_config": self.config.to_json()}))
-        atomic_write(directory / CONFIG_FILE,
-                      lambda path: Path(path).write_text(self.config.to_json() + "\n"))
+        save_model_dir(self, directory, "vitok_config")
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     revision: str | None = None, commit_message: str = "Upload ViTok",
@@ -384,41 +376,66 @@ class ViTok(nn.Module):
         weights (e.g. ``torch.bfloat16``); ``device`` defaults to the CPU. ``overrides`` set
         run-time config fields such as ``use_kernels``.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from vitok_fast.hub import resolve_checkpoint
 
         if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype)
                                             and torch_dtype.is_floating_point):
             raise ValueError(f"torch_dtype must be a floating-point torch.dtype such as "
                              f"torch.bfloat16, got {torch_dtype!r}")
-        device = "cpu" if device is None else device
         directory = resolve_checkpoint(name_or_path, revision, cache_dir)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"expected a ViTok checkpoint file {path} (a directory written by "
-                    f"save_pretrained holds {CONFIG_FILE} and {WEIGHTS_FILE}), but it does not exist")
-        try:
-            config_data = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-        config = ViTokConfig.from_dict({**config_data, **overrides})
-        try:
-            state = load_file(weights_path, device=str(device))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(
-                f"{weights_path} is not a readable safetensors file (truncated or corrupt?): {e}"
-            ) from None
-        if torch_dtype is not None:
-            state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-        with torch.device("meta"):
-            model = cls(config)
-        _check_state(model.state_dict(), state, config_path, weights_path)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device)
+        return load_model_dir(cls, ViTokConfig, directory, "ViTok", device=device,
+                              torch_dtype=torch_dtype, overrides=overrides)
+
+
+def save_model_dir(model: nn.Module, directory: str | os.PathLike, tag: str) -> None:
+    """``config.json`` and ``model.safetensors`` of ``model`` (which has a ``config`` with
+    ``to_json``), each written atomically; ``tag`` names the config in the weights' metadata.
+    ViTok and the DiT save through here, so vitok_fast.checkpoint keeps runs of both."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = model.config.to_json()
+    atomic_write(directory / WEIGHTS_FILE,
+                 lambda path: save_file(state, path, metadata={"format": "pt", tag: config}))
+    atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config + "\n"))
+
+
+def load_model_dir(cls, config_cls, directory: Path, what: str, *, device=None,
+                   torch_dtype: torch.dtype | None = None, overrides: dict | None = None):
+    """The model of a directory written by :func:`save_model_dir`: each file checked, the
+    config built by ``config_cls.from_dict`` (with ``overrides``), the weights cast to
+    ``torch_dtype`` if given, strict key and shape checks, on ``device`` (default CPU).
+    ``what`` names the model in messages."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    device = "cpu" if device is None else device
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"expected a {what} checkpoint file {path} (a directory written by "
+                f"save_pretrained holds {CONFIG_FILE} and {WEIGHTS_FILE}), but it does not exist")
+    try:
+        config_data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    config = config_cls.from_dict({**config_data, **(overrides or {})})
+    try:
+        state = load_file(weights_path, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{weights_path} is not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
+    if torch_dtype is not None:
+        state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):  # no memory for weights that are replaced at once
+        model = cls(config)
+    _check_state(model.state_dict(), state, config_path, weights_path)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device)
 
 
 _AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
