@@ -21,6 +21,9 @@ EXTRAS = {
     # Both optional: `import vitok_fast` imports neither.
     "hub": ["huggingface_hub>=0.23"],
     "diffusers": ["diffusers>=0.27", "huggingface_hub>=0.23"],
+    # bench/peers.py: today's tokenizers as diffusers classes (--against in bench/flops.py,
+    # bench_e2e.py, roofline.py); RAE builds its DINOv2 encoder with transformers.
+    "peers": ["diffusers>=0.42", "transformers>=4.57"],
 }
 EXTRAS["dev"] = sorted({dep for deps in EXTRAS.values() for dep in deps} | {"pytest>=8"})
 
