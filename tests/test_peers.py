@@ -1,0 +1,170 @@
+"""bench/peers.py and ``bench/flops.py --against``: today's tokenizers, built on the meta device."""
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+
+from _scripts import load_script
+
+peers = load_script("bench/peers.py")
+
+pytest.importorskip("diffusers")
+
+
+def _buildable():
+    return [p for p in peers.PEERS if peers.unavailable(p) is None]
+
+
+def test_every_peer_builds_on_meta_with_a_cited_config():
+    import diffusers
+
+    built = 0
+    for p in peers.PEERS:
+        assert p.source and p.name == p.name.lower() and " " not in p.name
+        why = peers.unavailable(p)
+        if why is not None:  # only RAE may lack its optional package, and it says so
+            assert p.requires and why.startswith(f"{p.name}: ") and "\n" not in why
+            continue
+        model = peers.build(p)
+        assert type(model) is getattr(diffusers, p.cls)
+        assert all(t.is_meta for t in model.parameters())
+        assert sum(t.numel() for t in model.parameters()) > 1e6
+        built += 1
+    assert built >= len(peers.PEERS) - 1
+
+
+# [published] totals, where the tokenizer's authors give one (cited in bench/peers.py).
+PUBLISHED = [(p.name, p.published_params) for p in peers.PEERS if p.published_params]
+
+
+@pytest.mark.parametrize("name,published", PUBLISHED)
+def test_parameters_within_one_percent_of_published(name, published):
+    model = peers.build(peers.BY_NAME[name])
+    counted = sum(t.numel() for t in model.parameters())
+    assert abs(counted - published) / published < 0.01
+
+
+def test_published_totals_cover_sd_vae_and_wan():
+    assert {"sd-vae", "wan2.1-vae"} <= {n for n, _ in PUBLISHED}
+
+
+# Counts held stable (this file's first run, diffusers 0.42.1): a change in diffusers or in
+# our counting shows up here. (name, resolution) -> (params, params_encoder, latent, MACs enc, dec)
+STABLE = {
+    ("taesd", 256): (2445063, 1222532, [4, 32, 32], 15290597376, 17668767744),
+    ("sd-vae", 256): (83653863, 34163664, [4, 32, 32], 136361082880, 311093641216),
+    ("cosmos-cv8x8x8", 128): (105653696, 42914864, [16, 3, 16, 16], 47173738072, 86251339776),
+    ("ltx-video-0.9.0-vae", 128): (419193649, 180404353, [128, 3, 4, 4], 118941687808, 127660982272),
+}
+
+
+@pytest.mark.parametrize("name,resolution", list(STABLE))
+def test_counts_are_stable(name, resolution):
+    c = peers.count(peers.BY_NAME[name], resolution)
+    assert (c["params"], c["params_encoder"], c["latent_shape"], c["macs_encode"],
+            c["macs_decode"]) == STABLE[(name, resolution)]
+    assert c["params_decoder"] == c["params"] - c["params_encoder"]
+
+
+def test_sd_vae_peer_is_the_flops_sd_vae():
+    from vitok_fast.flops import count_sd_vae
+
+    ours = peers.count(peers.BY_NAME["sd-vae"], 256)
+    theirs = count_sd_vae(256)
+    assert ours["macs_encode"] + ours["macs_decode"] == theirs["total"]["macs"]
+    assert ours["params_encoder"] == theirs["encoder"]["params"]
+
+
+def test_clip_lengths_nearest_sixteen_frames():
+    assert peers.frames_for(peers.BY_NAME["wan2.1-vae"]) == 17  # 1 + 4k
+    assert peers.frames_for(peers.BY_NAME["cosmos-cv8x8x8"]) == 17  # 1 + 8k
+    assert peers.frames_for(peers.BY_NAME["mochi-vae"]) == 19  # 1 + 6k: 13 would be fewer than 16
+    assert peers.frames_for(peers.BY_NAME["taesd"]) == 1
+
+
+def test_vidtok_pads_like_its_own_forward():
+    # 17 frames in, 3 copies of the first in front: 5 latent frames and 17 frames out.
+    c = peers.count(peers.BY_NAME["vidtok-kl-causal-488-4chn"], 128)
+    assert c["latent_shape"] == [4, 5, 16, 16] and c["output_shape"] == [3, 17, 128, 128]
+
+
+def test_matched_compression_picks_channels_for_the_papers_tubelet():
+    m = peers.matched_vitok
+    assert (m("image", 12.0).name, m("image", 12.0).channels) == ("S-B/16", 64)  # FLUX.1
+    assert (m("image", 96.0).name, m("image", 96.0).channels) == ("S-B/16", 8)  # DC-AE f32c32
+    assert (m("video", 136.0).name, m("video", 136.0).channels) == ("S-B/4x8", 6)  # LTX: 128
+    # Beyond 10% with any c >= 4 at 4x8 (at most 768 / 4 = 192): another paper tubelet.
+    far = m("video", 400.0)
+    assert far.name == "S-B/4x16" and abs(math.log(far.patch_dim / far.channels / 400)) < 0.05
+
+
+def test_select_groups_and_unknown_names():
+    assert [p.name for p in peers.select("taesd,images")][:2] == ["taesd", "sd-vae"]
+    assert len(peers.select("all")) == len(peers.PEERS)
+    assert all(p.kind == "video" for p in peers.select("videos"))
+    with pytest.raises(ValueError, match="unknown tokenizer 'sdvae'.*sd-vae, flux1-vae"):
+        peers.select("sdvae")
+
+
+def test_rae_without_transformers_is_skipped_with_one_line(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    why = peers.unavailable(peers.BY_NAME["rae-dinov2-b"])
+    assert why == ("rae-dinov2-b: AutoencoderRAE needs the optional package 'transformers'; "
+                   "pip install 'vitok_fast[peers]'")
+    result = peers.compare([peers.BY_NAME["rae-dinov2-b"]], (256,), ())
+    assert result["rows"] == [] and result["skipped"] == [why]
+
+
+def _flops(capsys, monkeypatch, *args):
+    """Run bench/flops.py in this process as its __main__ does: (exit status, stdout, stderr)."""
+    monkeypatch.setitem(sys.modules, "peers", peers)  # its `import peers`: bench/ is its sys.path[0]
+    flops = load_script("bench/flops.py")
+    try:
+        rc = flops.run(flops.main, list(args))
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_json_rows_in_the_issue_schema(tmp_path, capsys, monkeypatch):
+    rc, out, err = _flops(capsys, monkeypatch, "--against", "taesd,cosmos-cv8x8x8",
+                          "--resolution", "128", "--json", str(tmp_path / "p.json"))
+    assert rc == 0, err
+    assert "x matched ViTok" in out and "taesd" in out
+    payload = json.loads((tmp_path / "p.json").read_text())
+    keys = {"name", "kind", "resolution", "frames", "params", "params_encoder", "params_decoder",
+            "latent_shape", "pixels_per_float", "macs_encode", "macs_decode", "macs_total",
+            "macs_per_frame", "ratio_to_vitok", "vitok_reference", "config_source"}
+    rows = {(r["name"], r["resolution"]): r for r in payload["rows"]}
+    assert all(set(r) == keys for r in payload["rows"])
+    cosmos, ref = rows[("cosmos-cv8x8x8", 128)], rows[("S-B/4x8", 128)]
+    assert cosmos["kind"] == "video" and cosmos["frames"] == 17 and ref["frames"] == 16
+    assert cosmos["pixels_per_float"] == 17 * 128 * 128 * 3 / (16 * 3 * 16 * 16)  # 68
+    assert cosmos["macs_per_frame"] == cosmos["macs_total"] / 17
+    assert cosmos["ratio_to_vitok"] == pytest.approx(cosmos["macs_per_frame"] / ref["macs_per_frame"])
+    assert cosmos["vitok_reference"] == "S-B/4x8" and ref["ratio_to_vitok"] is None
+    taesd = rows[("taesd", 128)]
+    assert taesd["vitok_reference"] == "S-B/16" and taesd["pixels_per_float"] == 48
+    assert isinstance(taesd["params"], int) and isinstance(taesd["macs_total"], int)
+    twin = {m["name"]: m for m in payload["matched"]}["cosmos-cv8x8x8"]
+    assert twin["vitok_matched"] == "S-B/4x8 c=11" and ("S-B/4x8 c=11", 128) in rows
+
+
+def test_cli_unknown_tokenizer_is_one_error_line_listing_the_known_ones(capsys, monkeypatch):
+    rc, out, err = _flops(capsys, monkeypatch, "--against", "flux1-vae,sdxl-vae")
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: argument --against: unknown tokenizer 'sdxl-vae'")
+    assert all(p.name in lines[0] for p in peers.PEERS)
+
+
+def test_cli_list_names_every_peer(capsys, monkeypatch):
+    rc, out, _ = _flops(capsys, monkeypatch, "--list")
+    assert rc == 0
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [p.name for p in peers.PEERS]
