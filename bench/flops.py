@@ -68,6 +68,8 @@ def parse_args(argv=None):
                         help="compare with today's tokenizers instead of SD-VAE: ids from --list, "
                         "or images, videos, all")
     parser.add_argument("--list", action="store_true", help="list the tokenizers --against knows")
+    parser.add_argument("--plot", metavar="PNG", help="with --against: MACs per pixel against pixels "
+                        "per latent float, every model a labelled point (at the image resolution)")
     return parser.parse_args(argv)
 
 
@@ -150,6 +152,33 @@ def format_against(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_against(result: dict, path: str, resolution: int) -> None:
+    """MACs per pixel against pixels per latent float, log scales, every model a labelled point
+    (at ``resolution``; ViTok in one colour, image and video peers in two others)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    for r in (r for r in result["rows"] if r["resolution"] == resolution):
+        vitok = r["name"] not in peers.BY_NAME
+        x, y = r["pixels_per_float"], r["macs_per_frame"] / resolution**2
+        ax.scatter(x, y, marker="o" if r["kind"] == "image" else "s", s=36,
+                   color="tab:red" if vitok else ("tab:blue" if r["kind"] == "image" else "tab:green"))
+        label = f"ViTok {r['name']}" if vitok else r["name"]
+        ax.annotate(label, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("pixels per latent float (input values / latent size; higher = more compression)")
+    ax.set_ylabel("multiply-accumulates per pixel (encode + decode)")
+    ax.set_title(f"Tokenizers at {resolution}x{resolution}: cost against compression "
+                 f"(o images, s video clips per frame; red ViTok)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def against(args) -> int:
     start = time.perf_counter()
     images = (args.resolution,) if args.resolution else (256,)
@@ -172,6 +201,9 @@ def against(args) -> int:
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
+    if args.plot:
+        plot_against(result, args.plot, images[0])
+        print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
 
 
@@ -180,6 +212,8 @@ def main(argv=None) -> int:
     if args.list:
         print(list_peers())
         return 0
+    if args.plot and not args.against:
+        raise UserError("--plot draws the --against table: give --against too (e.g. --against all)")
     if args.against:
         if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
             raise UserError(f"--resolution with --against must be a positive multiple of 64 (the "
