@@ -170,3 +170,29 @@ def test_cli_list_names_every_peer(capsys, monkeypatch):
     rc, out, _ = _flops(capsys, monkeypatch, "--list")
     assert rc == 0
     assert [line.split()[0] for line in out.splitlines()[1:]] == [p.name for p in peers.PEERS]
+
+
+@pytest.mark.slow(reason="builds ViTok S-B/16 with random weights and times real calls on the CPU")
+def test_e2e_against_times_both_sides_in_turns_and_records_ratios(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peers", peers)  # its `import peers`: bench/ is its sys.path[0]
+    e2e = load_script("bench/bench_e2e.py")
+    calls = []
+    real = e2e.time_calls
+    monkeypatch.setattr(e2e, "time_calls", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    report = e2e.main(["--device", "cpu", "--against", "taesd,rae-dinov2-b", "--against-resolution", "64",
+                       "--batches", "1,2", "--reps", "2", "--warmup", "0", "--write-cpu",
+                       "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "peers_cpu.json").read_text())
+    assert saved["rows"] == report["rows"] and "shared_machine" in saved
+    assert saved["skipped"] == ["rae-dinov2-b: released for 256x256 only, not 64"]
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    for r in report["rows"]:
+        assert r["status"] == "ok" and r["calls"] == 2
+        assert r["speed_ratio"] == pytest.approx(r["vitok_frames_per_s"] / r["peer_frames_per_s"])
+        assert r["vitok_frames_per_s"] == pytest.approx(r["batch"] / r["vitok_seconds"])
+        assert r["macs_ratio"] == pytest.approx(r["macs_per_frame_peer"] / r["macs_per_frame_vitok"])
+    # In turns: ViTok, peer, ViTok, peer for each batch (2 reps x 2 sides x 2 batches).
+    assert len(calls) == 8 and calls[0] is not calls[1] and calls[0] is calls[2]
+    best = report["best"][0]
+    assert best["peer"] == "taesd" and best["vitok"] == "S-B/16"
+    assert best["speed_ratio"] == pytest.approx(best["vitok_frames_per_s"] / best["peer_frames_per_s"])
