@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -153,26 +154,42 @@ def format_against(result: dict) -> str:
 
 
 def plot_against(result: dict, path: str, resolution: int) -> None:
-    """MACs per pixel against pixels per latent float, log scales, every model a labelled point
-    (at ``resolution``; ViTok in one colour, image and video peers in two others)."""
+    """MACs per pixel against pixels per latent float, log scales, every model a labelled
+    point at ``resolution``: peers (o images, s clips per frame), ViTok's paper models in red,
+    its matched-compression variants as hollow red markers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6.5))
+    fig, ax = plt.subplots(figsize=(10, 7))
+    taken: dict = {}
     for r in (r for r in result["rows"] if r["resolution"] == resolution):
-        vitok = r["name"] not in peers.BY_NAME
+        peer = r["name"] in peers.BY_NAME
         x, y = r["pixels_per_float"], r["macs_per_frame"] / resolution**2
-        ax.scatter(x, y, marker="o" if r["kind"] == "image" else "s", s=36,
-                   color="tab:red" if vitok else ("tab:blue" if r["kind"] == "image" else "tab:green"))
-        label = f"ViTok {r['name']}" if vitok else r["name"]
-        ax.annotate(label, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6.5)
+        marker = "o" if r["kind"] == "image" else "s"
+        if not peer and " c=" in r["name"]:  # a matched variant: c differs, MACs barely
+            ax.scatter(x, y, marker=marker, s=30, facecolors="none", edgecolors="tab:red")
+            continue
+        color = "tab:red" if not peer else ("tab:blue" if r["kind"] == "image" else "tab:green")
+        ax.scatter(x, y, marker=marker, s=36, color=color)
+        spot = (round(5 * math.log10(x)), round(10 * math.log10(y)))  # near points: labels stack
+        taken[spot] = taken.get(spot, -1) + 1
+        right = x > 120  # at the right edge the label goes above, to the left of its point
+        ax.annotate(r["name"] if peer else f"ViTok {r['name']}", (x, y), fontsize=7,
+                    xytext=(-3 if right else 5, (9 if right else 3) - 9 * taken[spot]),
+                    textcoords="offset points", ha="right" if right else "left")
+    for marker, label, style in (("o", "image peers", dict(color="tab:blue")),
+                                 ("s", "video peers (per frame)", dict(color="tab:green")),
+                                 ("o", "ViTok (paper models)", dict(color="tab:red")),
+                                 ("o", "ViTok, c matched to a peer", dict(facecolors="none", edgecolors="tab:red"))):
+        ax.scatter([], [], marker=marker, label=label, **style)
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("pixels per latent float (input values / latent size; higher = more compression)")
-    ax.set_ylabel("multiply-accumulates per pixel (encode + decode)")
+    ax.set_ylabel("multiply-accumulates per pixel (encode + decode, batch 1)")
     ax.set_title(f"Tokenizers at {resolution}x{resolution}: cost against compression "
-                 f"(o images, s video clips per frame; red ViTok)", fontsize=9)
+                 "(counted on the meta device; bench/flops.py --against)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
