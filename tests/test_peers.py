@@ -93,14 +93,17 @@ def test_vidtok_pads_like_its_own_forward():
     assert c["latent_shape"] == [4, 5, 16, 16] and c["output_shape"] == [3, 17, 128, 128]
 
 
-def test_matched_compression_picks_channels_for_the_papers_tubelet():
-    m = peers.matched_vitok
-    assert (m("image", 12.0).name, m("image", 12.0).channels) == ("S-B/16", 64)  # FLUX.1
-    assert (m("image", 96.0).name, m("image", 96.0).channels) == ("S-B/16", 8)  # DC-AE f32c32
-    assert (m("video", 136.0).name, m("video", 136.0).channels) == ("S-B/4x8", 6)  # LTX: 128
-    # Beyond 10% with any c >= 4 at 4x8 (at most 768 / 4 = 192): another paper tubelet.
-    far = m("video", 400.0)
-    assert far.name == "S-B/4x16" and abs(math.log(far.patch_dim / far.channels / 400)) < 0.05
+def test_matched_compression_widens_c_or_takes_a_larger_paper_tubelet():
+    def m(kind, target):
+        config = peers.matched_vitok(kind, target)
+        return config.name, config.channels
+
+    assert m("image", 12.0) == ("S-B/16", 64)  # FLUX.1: more channels
+    assert m("image", 1.0) == ("S-B/16", 768)  # RAE
+    assert m("image", 96.0) == ("S-B/32", 32)  # DC-AE f32c32: c >= 16, so a larger patch
+    assert m("video", 40.8) == ("S-B/4x8", 19)  # Wan 2.1: the paper's tubelet within 5%
+    assert m("video", 136.0) == ("S-B/4x16", 23)  # LTX-Video: 133.6, as the issue expects
+    assert m("video", 68.0) == ("S-B/4x16", 45)  # Cosmos
 
 
 def test_select_groups_and_unknown_names():
@@ -155,7 +158,9 @@ def test_cli_json_rows_in_the_issue_schema(tmp_path, capsys, monkeypatch):
     assert taesd["vitok_reference"] == "S-B/16" and taesd["pixels_per_float"] == 48
     assert isinstance(taesd["params"], int) and isinstance(taesd["macs_total"], int)
     twin = {m["name"]: m for m in payload["matched"]}["cosmos-cv8x8x8"]
-    assert twin["vitok_matched"] == "S-B/4x8 c=11" and ("S-B/4x8 c=11", 128) in rows
+    assert twin["vitok_matched"] == "S-B/4x16 c=45" and ("S-B/4x16 c=45", 128) in rows
+    matched = rows[("S-B/4x16 c=45", 128)]
+    assert twin["ratio_to_vitok_matched"] == pytest.approx(cosmos["macs_per_frame"] / matched["macs_per_frame"])
 
 
 def test_cli_unknown_tokenizer_is_one_error_line_listing_the_known_ones(capsys, monkeypatch):
