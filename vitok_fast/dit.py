@@ -36,7 +36,9 @@ from einops import rearrange
 from vitok_fast.fileio import atomic_write
 from vitok_fast.kernels import rope_cos_sin
 from vitok_fast.kernels.rope import rope_split
-from vitok_fast.model import Attention, RMSNorm, SwiGLU, load_model_dir, save_model_dir
+from vitok_fast.latents import load_latent_set, write_latent_set  # noqa: F401 (re-exported)
+from vitok_fast.hub import HubMixin
+from vitok_fast.model import Attention, RMSNorm, SwiGLU
 
 # [DiT] Table 1: blocks, hidden size, heads. SwiGLU hidden 8d/3 (rounded up to a multiple
 # of 8) keeps the MLP's parameter count of DiT's 4d GELU MLP [ours]. "T" is a tiny size of
@@ -188,10 +190,14 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(HubMixin, nn.Module):
     """``model(z_t, t, y)`` predicts the noise in ``z_t``; latents ``(B, c, H', W')`` or
     ``(B, c, T', H', W')`` with H', W' divisible by the patch size; ``y`` class indices,
-    ``num_classes`` being the null class."""
+    ``num_classes`` being the null class. Saved and loaded as the same two files as a ViTok
+    (vitok_fast/hub.py), so vitok_fast.checkpoint keeps runs of both."""
+
+    config_class = DiTConfig
+    config_tag = "dit_config"
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -237,17 +243,6 @@ class DiT(nn.Module):
         out = rearrange(self.final(x, c), "b (t h w) (p q c) -> b c t (h p) (w q)",
                         t=T, h=H, w=W, p=p, q=p)
         return out if z.ndim == 5 else out.squeeze(2)
-
-    # -- checkpoint I/O: the same two files as a ViTok, so vitok_fast.checkpoint keeps runs ----
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_model_dir(self, directory, "dit_config")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", **overrides) -> "DiT":
-        return load_model_dir(cls, DiTConfig, Path(directory), "DiT", device=device,
-                              overrides=overrides)
-
 
 # -- the diffusion ---------------------------------------------------------------------------
 
@@ -303,9 +298,6 @@ class Diffusion:
         return z
 
 
-# -- labelled latent shards (the format python -m vitok_fast.encode writes) ------------------
-
-
 def load_latent_set(directory, posterior_dtype=torch.float32) -> dict:
     """Every item of a labelled latent directory, in memory: ``mean``, ``logvar`` (N, c, ...),
     ``label`` (N,) int64 (-1 unlabelled), and the directory's ``index`` and ``stats``."""
@@ -351,30 +343,3 @@ class LatentNorm:
 
     def denormalize(self, z):
         return z / self._view(self.scale, z) + self._view(self.shift, z)
-
-
-def write_latent_set(out, mean, logvar, label, classes, paths, meta: dict | None = None,
-                     shard_size: int = 1024) -> dict:
-    """Write labelled latents and their stats in the encode format (bench and smoke runs;
-    python -m vitok_fast.encode writes the same for real data sets)."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for k, start in enumerate(range(0, len(mean), shard_size)):
-        sl = slice(start, start + shard_size)
-        tensors = {"mean": mean[sl].float().contiguous(), "logvar": logvar[sl].float().contiguous(),
-                   "label": label[sl].long().contiguous()}
-        name = f"latents-{k:05d}.safetensors"
-        atomic_write(out / name, lambda p: save_file(tensors, p))
-        shards.append({"file": name, "count": len(tensors["mean"]), "paths": list(paths[sl])})
-    index = {**(meta or {}), "classes": list(classes), "shards": shards,
-             "num_samples": len(mean), "complete": True}
-    z = mean.double().transpose(0, 1).flatten(1)  # (c, N * tokens)
-    stats = {"shift_factor": float(z.mean()), "scaling_factor": float(1 / z.std()),
-             "mean": z.mean(1).tolist(), "std": z.std(1).tolist(), "num_samples": len(mean),
-             "source": "posterior mean"}
-    atomic_write(out / "index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
-    atomic_write(out / "stats.json", lambda p: Path(p).write_text(json.dumps(stats, indent=2) + "\n"))
-    return index
