@@ -25,9 +25,10 @@ from vitok_fast import distributed as D
 from vitok_fast.checkpoint import load_resume, save_checkpoint
 from vitok_fast.cli import UserError
 from vitok_fast.data import make_loader
-from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm, load_latent_set
+from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm
+from vitok_fast.latents import load_latent_set
 from vitok_fast.fileio import atomic_write
-from vitok_fast.sample import LATENT_FILE  # <run>/latents.json: what the sample CLI reads
+from vitok_fast.dit import LATENT_FILE  # <run>/latents.json: what the sample CLI reads
 from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
                                  accumulation_steps, already_finished, autocast_dtype,
                                  build_optimizer, clip_grad_norm, cosine_schedule, noise_seed,
@@ -101,7 +102,7 @@ def parse_args(argv=None):
 def smoke_latents(out: Path, seed: int) -> tuple[Path, Path]:
     """Encode the embedded photos (32 px, 2 classes by parity) with a random T-T/8 ViTok."""
     from vitok_fast.data import make_dataset
-    from vitok_fast.dit import write_latent_set
+    from vitok_fast.latents import write_latent_set
     from vitok_fast.model import ViTok
 
     vitok_dir, latent_dir = out / "smoke" / "vitok", out / "smoke" / "latents"
@@ -158,7 +159,7 @@ def train(argv, stop: StopOnSignal) -> dict:
     latent_shape = tuple(latents["mean"].shape[1:])
     vitok = None
     if args.vitok:
-        from vitok_fast.evaluate import resolve_ckpt
+        from vitok_fast.checkpoint import resolve_ckpt
         from vitok_fast.model import ViTok
 
         vitok = ViTok.from_pretrained(resolve_ckpt(args.vitok), device=device,
@@ -237,7 +238,8 @@ def train(argv, stop: StopOnSignal) -> dict:
 
     def sample_grid(step):
         """One row per class (at most 8 classes, 8 samples each) from the EMA, fixed noise."""
-        from vitok_fast.sample import decode_samples, save_sample_grid
+        from vitok_fast.dit import decode_samples
+        from vitok_fast.media import save_sample_grid
 
         rows = min(num_classes, 8)
         y = torch.arange(rows, device=device).repeat_interleave(8)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from vitok_fast.fileio import atomic_write
+from vitok_fast.cli import UserError
 from vitok_fast.kernels import rope_cos_sin
 from vitok_fast.kernels.rope import rope_split
 from vitok_fast.latents import load_latent_set, write_latent_set  # noqa: F401 (re-exported)
@@ -298,28 +297,6 @@ class Diffusion:
         return z
 
 
-def load_latent_set(directory, posterior_dtype=torch.float32) -> dict:
-    """Every item of a labelled latent directory, in memory: ``mean``, ``logvar`` (N, c, ...),
-    ``label`` (N,) int64 (-1 unlabelled), and the directory's ``index`` and ``stats``."""
-    from safetensors.torch import load_file
-
-    from vitok_fast.encode import load_latents
-
-    index, shards = load_latents(directory)
-    stats_path = Path(directory) / "stats.json"
-    if not stats_path.is_file():
-        raise FileNotFoundError(f"expected {stats_path} (latent shift and scale, written by "
-                                f"python -m vitok_fast.encode); it does not exist")
-    parts = [load_file(s) for s in shards]
-    if any("label" not in p for p in parts):
-        raise ValueError(f"the shards under {directory} hold no 'label': re-encode them with a "
-                         f"python -m vitok_fast.encode that records labels (class folders)")
-    cat = lambda key, dtype: torch.cat([p[key] for p in parts]).to(dtype)
-    return {"mean": cat("mean", posterior_dtype), "logvar": cat("logvar", posterior_dtype),
-            "label": cat("label", torch.int64), "index": index,
-            "stats": json.loads(stats_path.read_text())}
-
-
 class LatentNorm:
     """``z_norm = (z - shift_factor) * scaling_factor`` from stats.json (one shift and scale
     for all channels, as SD-VAE's ``scaling_factor``), or with ``per_channel`` each
@@ -343,3 +320,29 @@ class LatentNorm:
 
     def denormalize(self, z):
         return z / self._view(self.scale, z) + self._view(self.shift, z)
+
+
+# -- sampling: what train/dit.py and python -m vitok_fast.sample share -----------------------
+
+
+LATENT_FILE = "latents.json"
+
+
+def find_latent_info(path: Path) -> dict:
+    """``latents.json`` of the run that ``path`` (run, checkpoint or ema folder) belongs to."""
+    for folder in (path, *list(path.parents)[:3]):
+        if (folder / LATENT_FILE).is_file():
+            return json.loads((folder / LATENT_FILE).read_text())
+    raise FileNotFoundError(f"no {LATENT_FILE} in {path} or the three folders above it: expected "
+                            f"a run directory of train/dit.py (it writes {LATENT_FILE}) or a "
+                            f"checkpoint inside one")
+
+
+@torch.no_grad()
+def decode_samples(vitok, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """ViTok latents -> pixels in [-1, 1], in batches."""
+    if vitok is None:
+        raise UserError("decoding samples needs the ViTok that encoded the latents: pass --vitok")
+    z = z.to(next(vitok.parameters()).device)
+    return torch.cat([vitok.decode(z[i:i + batch_size]).float().clamp(-1, 1).cpu()
+                      for i in range(0, len(z), batch_size)])

@@ -257,7 +257,7 @@ def encode_dataset(model, dataset, out: Path, *, resolution: int, frames: int = 
 
     ``max_samples`` limits the run to the first N items of the data set (unreadable ones
     among them are skipped and listed). ``sample``/``seed`` choose what stats.json
-    describes (see vitok_fast.latent_stats); the shards hold mean and logvar either way.
+    describes (see the module docstring); the shards hold mean and logvar either way.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm

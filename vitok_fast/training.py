@@ -161,7 +161,7 @@ def check_resume_model(checkpoint: Path, config: ViTokConfig, asked: str) -> Non
     """A checkpoint of another model (size, channels, patch, ...) cannot be resumed into this
     run: say which config fields differ and how to get on, before any weight is loaded.
     ``asked`` says where this run's model comes from (``--model S-B/16 --channels 16``)."""
-    from vitok_fast.model import CONFIG_FILE
+    from vitok_fast.pretrained import CONFIG_FILE
 
     saved = ViTokConfig.from_dict(json.loads((Path(checkpoint) / CONFIG_FILE).read_text()))
     changed = saved.differences(config)
