@@ -18,6 +18,9 @@ Damage after the fact (a file truncated or deleted by a full disk, a bad copy, a
 caught on resume: :func:`load_resume` opens every file of the checkpoint and names the one
 that does not read. ``--resume auto`` then falls back to the newest checkpoint that does,
 and says which; an explicit ``--resume PATH`` stops with the file's name instead.
+
+:func:`resolve_ckpt` turns what a user passes as ``--ckpt`` (a model folder, a run, a folder
+holding one model) into the model folder; every command and train/dit.py use it.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from vitok_fast.media import read_clip  # noqa: F401 (video decoding: vitok_fast/media.py)
+from vitok_fast.media import read_clip  # video decoding lives in vitok_fast/media.py
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")

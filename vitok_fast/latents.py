@@ -11,32 +11,10 @@ of the posterior, (N, c, H/p, W/p) for images or (N, c, T/q, H/p, W/p) for video
 ``stats.json``, the per-channel latent statistics (``shift_factor``, ``scaling_factor``,
 per-channel ``mean`` and ``std``) over every item written.
 
-``index.json`` holds the model config, resolution, ``classes`` (class names in label order;
-[] when the data has none), ``num_samples`` (items written), ``num_skipped`` and per shard
-``file``, ``count``, ``paths`` (the source of each item, in order), ``skipped`` (the
-unreadable files met while filling it, as {path, reason}: none is ever replaced by another
-item), ``end`` (the data set position after it) and ``moments`` (float64 per-channel count,
-mean and M2 of its latents); until the run is complete those per-shard lists live in
-``latents-00000.json`` beside each shard instead, so the index stays small while it is
-rewritten after every shard. A run that stops resumes after the last complete shard (the
-evaluation transform is deterministic, so items keep their order), and the statistics are
-merged from every shard's moments, so a resumed run writes the same stats.json as an
-uninterrupted one.
-
-Statistics, for latents z of shape (N, c, ...), every position of every item counted once:
-  ``mean[k]``, ``std[k]``  mean and population standard deviation (divided by the count, not
-      count - 1) of channel k over all N items and all latent positions;
-  ``shift_factor``  the mean of every element of every channel (= the mean of ``mean``,
-      since every channel has the same count);
-  ``scaling_factor``  1 / the population standard deviation of every element of every
-      channel about ``shift_factor``;
-  ``count``  elements per channel; ``num_samples`` items.
-z is the posterior mean by default; with ``sample`` z = mean + exp(logvar / 2) * eps with
-eps drawn from a generator seeded per item (by ``seed`` and the item's position in the
-data set), so the statistics do not depend on batch size, workers or ranks. Moments are
-kept in float64 as (count, mean, M2) per channel and merged with Chan et al.'s parallel
-update, so partitions (shards, ranks) combine exactly to the statistics of their
-concatenation, up to float64 rounding.
+The fields of ``index.json``, its per-shard side files and the resume rule are written out
+in ``python -m vitok_fast.encode --help`` (vitok_fast/encode.py); the definitions of the
+statistics (population moments in float64, merged with Chan et al.'s parallel update, so
+shards and ranks combine exactly) in ``python -m vitok_fast.latent_stats --help``.
 """
 
 from __future__ import annotations

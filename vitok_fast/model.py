@@ -3,6 +3,11 @@
 Reads top to bottom like the paper's Figure 1 (arXiv 2501.09755, Section 2;
 docs/design.md section 1): tubelet embed -> encoder blocks -> KL bottleneck -> linear "upsample" ->
 decoder blocks -> head + unpatchify.
+
+``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come from vitok_fast/hub.py's
+``HubMixin`` over the directory format of vitok_fast/pretrained.py (``CONFIG_FILE``,
+``WEIGHTS_FILE``, ``save_model_dir``, ``load_model_dir``, re-exported here); tiled
+encode/decode is vitok_fast/tiling.py. Neither imports this module.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ resizes the shorter side to R and centre-crops R x R instead); big inputs can be
 ``--tile``. An image model reconstructs a video frame by frame. A file that cannot be
 reconstructed (unreadable, smaller than one patch, an image for a video model) is reported
 and skipped; ``psnr.json`` holds the others, and the exit status is 2 if any failed.
+Reading and writing the files and fitting pixels to the model are vitok_fast/media.py.
 """
 
 from __future__ import annotations
