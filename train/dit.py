@@ -11,7 +11,8 @@ read from labelled shards (index.json, stats.json) and normalised as
 ``(z - shift_factor) * scaling_factor`` (``--per-channel-norm``: each channel's mean and
 std); ``--posterior sample`` draws z = mean + std * eps afresh each step, as LDM and DiT do
 with their VAE. Unlabelled items (label -1) train the null class only. Everything around the
-loop (DDP, bf16, compile, exact resume, checkpoints, logging) is stage 1's (train/stage1.py).
+loop (DDP, bf16, exact resume, checkpoints, logging, signals) is the run skeleton the three
+scripts share (vitok_fast/run.py).
 """
 
 import argparse

@@ -1,6 +1,7 @@
-"""What train/stage1.py and train/stage2.py share: arguments, optimizer and schedule, the
-non-finite guard, EMA, throughput and MFU, held-out evaluation, logging, stopping on a
-signal. The loops themselves stay in the scripts, where a reader can see them.
+"""The pieces the training scripts share (train/stage1.py, stage2.py, dit.py): arguments,
+optimizer and schedule, the non-finite guard, EMA, throughput and MFU, held-out evaluation,
+logging, stopping on a signal. vitok_fast/run.py assembles them into the run skeleton; the
+loops themselves stay in the scripts, where a reader can see them.
 """
 
 from __future__ import annotations
