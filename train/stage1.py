@@ -17,12 +17,11 @@ import torch
 from vitok_fast import ViTok, ViTokConfig, cli
 from vitok_fast import distributed as D
 from vitok_fast.checkpoint import save_checkpoint
-from vitok_fast.data import make_dataset
 from vitok_fast.losses import reconstruction_loss
 from vitok_fast.run import TrainingRun
 from vitok_fast.training import (StopOnSignal, add_common_args, build_lpips, build_optimizer,
                                  check_resume_model, clip_grad_norm, cosine_schedule, evaluate,
-                                 finalize_args, heldout_batch, model_macs, noise_seed, peak_lr,
+                                 finalize_args, image_data, model_macs, noise_seed, peak_lr,
                                  save_grid, tune_attention)
 
 
@@ -49,12 +48,7 @@ def train(argv, stop: StopOnSignal) -> dict:
     # -- everything that can fail on user input fails here, before training starts ----------
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    with cli.option("--data", args.data):
-        train_set = make_dataset(args.data, args.resolution, args.frames,
-                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
-    with cli.option("--val-data", args.val_data):
-        val_batch = heldout_batch(args, args.val_images)
-    val_batch = val_batch.to(device) if val_batch is not None else None
+    train_set, val_batch = image_data(args, device)  # --data's stream, --val-data's batch
     config = ViTokConfig.from_name(args.model, channels=args.channels,
                                    use_kernels=not args.no_kernels,
                                    attention_backend=args.attention_backend)

@@ -20,14 +20,13 @@ from vitok_fast import ViTok, cli
 from vitok_fast import distributed as D
 from vitok_fast.checkpoint import (is_complete, latest_checkpoint, resolve_checkpoint,
                                    save_checkpoint)
-from vitok_fast.data import make_dataset
 from vitok_fast.discriminator import Discriminator
 from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
                                reconstruction_loss)
 from vitok_fast.run import TrainingRun
 from vitok_fast.training import (EMA, StopOnSignal, add_common_args, build_lpips,
                                  build_optimizer, check_resume_model, clip_grad_norm,
-                                 cosine_schedule, evaluate, finalize_args, heldout_batch,
+                                 cosine_schedule, evaluate, finalize_args, image_data,
                                  model_macs, noise_seed, peak_lr, save_grid, tune_attention)
 
 
@@ -101,12 +100,7 @@ def train(argv, stop: StopOnSignal) -> dict:
     init = resolve_checkpoint(args.init, args.init, flag="--init")
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    with cli.option("--data", args.data):
-        train_set = make_dataset(args.data, args.resolution, args.frames,
-                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
-    with cli.option("--val-data", args.val_data):
-        val_batch = heldout_batch(args, args.val_images)
-    val_batch = val_batch.to(device) if val_batch is not None else None
+    train_set, val_batch = image_data(args, device)  # --data's stream, --val-data's batch
     resume_from, state = run.resume()
     if resume_from is not None:  # a run of another stage-1 model names the differing fields
         check_resume_model(resume_from, _init_config(args.init), f"--init {args.init}")
