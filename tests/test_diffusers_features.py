@@ -475,6 +475,25 @@ def test_whole_model_compiles_in_one_graph_without_recompiles(base):
     torch.compiler.reset()
 
 
+def test_one_dynamic_compile_serves_several_sizes():
+    vae = make_vae()
+    torch.compiler.reset()
+    compiled = torch.compile(vae, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
+        for height, width in ((32, 32), (32, 48), (48, 64)):
+            x = torch.rand(2, 3, height, width) * 2 - 1
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                assert torch.equal(compiled(x).sample, vae(x).sample)
+    torch.compiler.reset()
+
+
+def test_torch_export_gives_the_same_output(base):
+    vae, x, want = base
+    exported = torch.export.export(vae, args=(), kwargs={"sample": x})
+    with torch.no_grad():
+        assert torch.equal(exported.module()(sample=x).sample, want["forward"])
+
+
 # -- a real pipeline: DiT with AutoencoderViTok as its VAE -----------------------------------
 
 def dit_pipeline(vae):
