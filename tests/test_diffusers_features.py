@@ -676,7 +676,11 @@ def test_compile_with_group_offloading_on_cuda():
     vae.compile()
     with torch.no_grad():
         first, second = vae(x).sample, vae(x).sample
-    assert torch.isfinite(first).all() and torch.equal(first, second)
+    with torch.no_grad():
+        want = make_vae(use_kernels=True).cuda()(x).sample
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
