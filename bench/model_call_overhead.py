@@ -7,9 +7,11 @@ Guards ViTok's own speed against changes made for other callers (issue 18 calls 
 embed and head as modules so that diffusers' hooks see them). ``--before``'s model.py is
 loaded next to the current one (both use the current ops, kernels and config), both models
 get the same weights, and the two are timed interleaved, round after round, alternating which
-goes first, so that a shared, noisy machine slows both alike. Per variant and call the median
-over rounds is kept; ``after / before`` is the figure (1.0: no change). Checks first that the
-two give bit-identical outputs. CPU, one thread, the plain-PyTorch path (the CPU has no
+goes first, so that a shared, noisy machine slows both alike. A third model, a second instance
+of the current code, is timed with them as a control: ``control / after`` shows the noise
+floor of the run (two identical models), against which ``after / before`` is read (1.0: no
+change). Per variant and call the median over rounds is kept. Checks first that the models
+give bit-identical outputs. CPU, one thread, the plain-PyTorch path (the CPU has no
 compiled Triton), eval mode, no grad. Writes bench/results/model_call_overhead_<device>.json.
 """
 
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="T-T/8")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=20, help="calls per timing")
     parser.add_argument("--out", type=Path, default=RESULTS / "model_call_overhead_cpu.json")
     args = parser.parse_args(argv)
@@ -71,28 +73,35 @@ def main(argv=None) -> int:
     after = ViTok.from_name(args.model, use_kernels=False).eval()
     before = load_model_module(args.before).ViTok(after.config).eval()
     before.load_state_dict(after.state_dict())
+    control = ViTok(after.config).eval()
+    control.load_state_dict(after.state_dict())
     x = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
     with torch.no_grad():
         z = after.encode(x).mean
         assert torch.equal(z, before.encode(x).mean), "encode differs from --before's"
         assert torch.equal(after.decode(z), before.decode(z)), "decode differs from --before's"
+        assert torch.equal(control.decode(z), before.decode(z))
+        models = (("before", before), ("after", after), ("control", control))
         calls = {name: {"encode": lambda m=m: m.encode(x), "decode": lambda m=m: m.decode(z)}
-                 for name, m in (("before", before), ("after", after))}
+                 for name, m in models}
         for fns in calls.values():  # warm-up
             for fn in fns.values():
                 timed(fn, 3)
         times = {name: {op: [] for op in ("encode", "decode")} for name in calls}
+        names = [name for name, _ in models]
         for r in range(args.rounds):
-            order = ("before", "after") if r % 2 == 0 else ("after", "before")
+            order = names[r % 3:] + names[:r % 3]  # each goes first, second and last in turn
             for op in ("encode", "decode"):
                 for name in order:
                     times[name][op].append(timed(calls[name][op], args.calls))
     rows = []
     for op in ("encode", "decode"):
-        b, a = (statistics.median(times[n][op]) for n in ("before", "after"))
+        b, a, c = (statistics.median(times[n][op]) for n in names)
         rows.append({"op": op, "before_ms": round(b * 1e3, 4), "after_ms": round(a * 1e3, 4),
-                     "after_over_before": round(a / b, 4)})
-        print(f"{op}: before {b * 1e3:.3f} ms, after {a * 1e3:.3f} ms, after/before {a / b:.3f}")
+                     "control_ms": round(c * 1e3, 4), "after_over_before": round(a / b, 4),
+                     "control_over_after": round(c / a, 4)})
+        print(f"{op}: before {b * 1e3:.3f} ms, after {a * 1e3:.3f} ms, after/before {a / b:.3f} "
+              f"(control/after {c / a:.3f})")
     record = {"benchmark": "model_call_overhead", "model": args.model,
               "input": [args.batch, 3, args.size, args.size], "device": "cpu", "threads": 1,
               "path": "plain PyTorch (use_kernels=False), eval, no grad",

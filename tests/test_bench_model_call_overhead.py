@@ -20,4 +20,6 @@ def test_bench_times_the_current_model_against_a_git_rev(tmp_path):
     assert [row["op"] for row in record["rows"]] == ["encode", "decode"]
     for row in record["rows"]:
         assert row["before_ms"] > 0 and row["after_ms"] > 0
+        assert row["control_ms"] > 0
         assert abs(row["after_over_before"] - row["after_ms"] / row["before_ms"]) < 1e-2
+        assert abs(row["control_over_after"] - row["control_ms"] / row["after_ms"]) < 1e-2
