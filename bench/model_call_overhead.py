@@ -94,6 +94,20 @@ def main(argv=None) -> int:
             for op in ("encode", "decode"):
                 for name in order:
                     times[name][op].append(timed(calls[name][op], args.calls))
+        # the cost this file was written to watch, in isolation: the tubelet embed called as
+        # a module (the current model) against its op called directly (the older model)
+        from vitok_fast import ops
+        embed, cfg, video = after.encoder.embed, after.config, x.unsqueeze(2)
+        q, p = cfg.tubelet_size, cfg.patch_size
+        embed_calls = {"module": lambda: embed(video, q, p, False),
+                       "direct": lambda: ops.tubelet_embed(video, embed.weight, embed.bias, q, p, False)}
+        embed_times = {name: [] for name in embed_calls}
+        for r in range(args.rounds):
+            for name in (("module", "direct") if r % 2 == 0 else ("direct", "module")):
+                embed_times[name].append(timed(embed_calls[name], 10 * args.calls))
+    embed_us = {name: statistics.median(t) * 1e6 for name, t in embed_times.items()}
+    print(f"tubelet embed: as a module {embed_us['module']:.2f} us, the op directly "
+          f"{embed_us['direct']:.2f} us")
     rows = []
     for op in ("encode", "decode"):
         b, a, c = (statistics.median(times[n][op]) for n in names)
@@ -107,7 +121,8 @@ def main(argv=None) -> int:
               "path": "plain PyTorch (use_kernels=False), eval, no grad",
               "rounds": args.rounds, "calls_per_timing": args.calls, "statistic": "median over rounds",
               "before": args.before, "commit": git_commit(), "torch": torch.__version__,
-              "python": platform.python_version(), "rows": rows}
+              "python": platform.python_version(), "rows": rows,
+              "embed_call_us": {name: round(us, 3) for name, us in embed_us.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     return 0

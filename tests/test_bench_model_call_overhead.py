@@ -18,6 +18,7 @@ def test_bench_times_the_current_model_against_a_git_rev(tmp_path):
     record = json.loads(out.read_text())
     assert record["before"] == "HEAD" and record["model"] == "T-T/8" and record["commit"]
     assert [row["op"] for row in record["rows"]] == ["encode", "decode"]
+    assert set(record["embed_call_us"]) == {"module", "direct"}
     for row in record["rows"]:
         assert row["before_ms"] > 0 and row["after_ms"] > 0
         assert row["control_ms"] > 0
