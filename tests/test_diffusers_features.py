@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vitok_fast import ViTok, ViTokConfig
-from vitok_fast.model import Block, TubeletEmbed, TubeletHead
+from vitok_fast.model import Block
 
 diffusers = pytest.importorskip("diffusers")
 from vitok_fast.diffusers import AutoencoderViTok  # noqa: E402

@@ -8,6 +8,7 @@
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor   # what a diffusion model sees
     x_hat = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
     vae.save_pretrained("vae/")   # diffusers' layout: config.json + diffusion_pytorch_model.safetensors
+                                  # (+ vitok_autoencoder.py, for diffusers.AutoModel)
 
 The wrapper runs ViTok's own encode and decode, so its outputs equal ViTok's bit for bit.
 Two conventions differ between ViTok and diffusers, and the wrapper follows diffusers:
@@ -19,7 +20,11 @@ Two conventions differ between ViTok and diffusers, and the wrapper follows diff
   channels.
 
 As in ``AutoencoderKL``, encode and decode leave the latents unscaled: ``config.shift_factor``
-and ``config.scaling_factor`` (from ``stats.json``) are for the diffusion model's side.
+and ``config.scaling_factor`` (from ``stats.json``) are for the diffusion model's side; for
+pipelines that ignore the shift (DiT, Stable Diffusion) build it with ``from_vitok(...,
+shift=False)``. diffusers' slicing, tiling, layerwise casting, group offloading, device maps,
+gradient checkpointing and regional compilation work as for ``AutoencoderKL``
+(docs/interop.md has the table and the tests).
 
 diffusers is an optional extra (``pip install 'vitok_fast[diffusers]'``); ``import
 vitok_fast`` does not import this module.
