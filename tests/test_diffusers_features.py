@@ -195,6 +195,20 @@ def test_slicing_and_tiling_together(base):
         torch.testing.assert_close(vae(x).sample, tiled, rtol=1e-5, atol=1e-6)
 
 
+def test_video_model_slices_and_tiles_space():
+    model = ViTok(ViTokConfig.from_name("T-T/2x8", use_kernels=False)).eval()
+    vae = AutoencoderViTok.from_vitok(model, sample_size=16)
+    x = torch.rand(2, 3, 4, 32, 24) * 2 - 1
+    with torch.no_grad():
+        whole = vae(x).sample
+        vae.enable_slicing()
+        torch.testing.assert_close(vae(x).sample, whole, rtol=1e-5, atol=1e-6)
+        vae.enable_tiling()  # an int sample size tiles space; all 4 frames in each tile
+        z = vae.encode(x).latent_dist.mean
+        assert torch.equal(z, torch.cat([model.encode(v[None], tile=16).mean for v in x]))
+        assert vae.decode(z).sample.shape == x.shape
+
+
 # -- layerwise casting ----------------------------------------------------------------------
 
 def rounded_reference(vae, storage_dtype):
