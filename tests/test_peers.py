@@ -201,3 +201,20 @@ def test_e2e_against_times_both_sides_in_turns_and_records_ratios(tmp_path, monk
     best = report["best"][0]
     assert best["peer"] == "taesd" and best["vitok"] == "S-B/16"
     assert best["speed_ratio"] == pytest.approx(best["vitok_frames_per_s"] / best["peer_frames_per_s"])
+
+
+def test_roofline_against_is_a_labelled_model_per_frame(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peers", peers)  # its `import peers`: bench/ is its sys.path[0]
+    roofline = load_script("bench/roofline.py")
+    result = roofline.against(peers.select("taesd,cosmos-cv8x8x8"), 64, 2, *roofline.GPUS["h200"],
+                              progress=False)
+    assert "MODEL" in result["note"] and result["anchors"] == {"peak_tflops": 989.4, "hbm_tbps": 4.8}
+    taesd, cosmos = result["rows"]
+    for row, macs in ((taesd, peers.count(peers.BY_NAME["taesd"], 64)),
+                      (cosmos, peers.count(peers.BY_NAME["cosmos-cv8x8x8"], 64))):
+        # Its FLOPs are the counter's: 2 x MACs per input frame, batch-independent.
+        assert row["flops"] == pytest.approx(2 * (macs["macs_encode"] + macs["macs_decode"]) / row["frames"])
+        assert row["predicted_speed_ratio_vitok_over_peer"] == pytest.approx(
+            row["predicted_s"] / row["vitok_predicted_s"])
+    assert (taesd["vitok"], cosmos["vitok"], cosmos["frames"]) == ("S-B/16", "S-B/4x8", 17)
+    assert "Roofline MODEL (predicted, not measured)" in roofline.format_against(result)
