@@ -120,6 +120,18 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str, body: dict, **units) -> None:
+    """The counts as JSON at ``path`` ('-': stdout), with the counter and what the units are."""
+    payload = {"counter": "torch.utils.flop_counter.FlopCounterMode (meta device)",
+               "torch": torch.__version__,
+               "units": {"macs": "multiply-accumulates", "params": "count", **units}, **body}
+    text = json.dumps(payload, indent=2)
+    if path == "-":
+        print(text)
+    else:
+        Path(path).write_text(text + "\n")
+
+
 def list_peers() -> str:
     lines = [f"{'id':<28} {'kind':<6} {'diffusers class':<26} {'frames':<7} config source"]
     for p in peers.PEERS:
@@ -207,17 +219,9 @@ def against(args) -> int:
               f"torch.utils.flop_counter.FlopCounterMode on the meta device")
     if args.json:
         import diffusers
-        payload = {"counter": "torch.utils.flop_counter.FlopCounterMode (meta device)",
-                   "torch": torch.__version__, "diffusers": diffusers.__version__,
-                   "units": {"macs": "multiply-accumulates", "params": "count",
-                             "pixels_per_float": "input values (frames x H x W x 3) per latent float",
-                             "ratio_to_vitok": "macs_per_frame / vitok_reference's macs_per_frame"},
-                   **result}
-        text = json.dumps(payload, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(args.json, {"diffusers": diffusers.__version__, **result},
+                   pixels_per_float="input values (frames x H x W x 3) per latent float",
+                   ratio_to_vitok="macs_per_frame / vitok_reference's macs_per_frame")
     if args.plot:
         plot_against(result, args.plot, images[0])
         print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
@@ -249,15 +253,7 @@ def main(argv=None) -> int:
         print(f"counted {len(rows)} row(s) in {elapsed:.1f} s with "
               f"torch.utils.flop_counter.FlopCounterMode on the meta device")
     if args.json:
-        payload = {"counter": "torch.utils.flop_counter.FlopCounterMode (meta device)",
-                   "torch": torch.__version__, "units": {"macs": "multiply-accumulates",
-                                                         "params": "count"},
-                   "rows": rows}
-        text = json.dumps(payload, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(args.json, {"rows": rows})
     return 0
 
 
