@@ -236,6 +236,9 @@ def main(argv=None) -> int:
     if args.plot and not args.against:
         raise UserError("--plot draws the --against table: give --against too (e.g. --against all)")
     if args.against:
+        if args.all or args.frames is not None:
+            raise UserError("--against counts each peer on its own clip length beside the paper's "
+                            "ViTok: drop --all / --frames (see --help)")
         if args.resolution is not None and (args.resolution <= 0 or args.resolution % 64):
             raise UserError(f"--resolution with --against must be a positive multiple of 64 (the "
                             f"largest downsampling, DC-AE f64's), got {args.resolution}")

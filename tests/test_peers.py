@@ -171,6 +171,13 @@ def test_cli_unknown_tokenizer_is_one_error_line_listing_the_known_ones(capsys, 
     assert all(p.name in lines[0] for p in peers.PEERS)
 
 
+def test_cli_against_rejects_options_it_would_ignore(capsys, monkeypatch):
+    rc, _, err = _flops(capsys, monkeypatch, "--against", "taesd", "--frames", "8")
+    assert rc == 2 and err.startswith("error: --against counts each peer on its own clip length")
+    rc, _, err = _flops(capsys, monkeypatch, "--against", "taesd", "--resolution", "96")
+    assert rc == 2 and "positive multiple of 64" in err and "got 96" in err
+
+
 def test_cli_list_names_every_peer(capsys, monkeypatch):
     rc, out, _ = _flops(capsys, monkeypatch, "--list")
     assert rc == 0
