@@ -1,6 +1,6 @@
 """Reconstruction quality of a ViTok checkpoint on a data set, at the paper's protocol.
 
-    python -m vitok_fast.evaluate --ckpt runs/s1/final --data /data/imagenet/val \\
+    python -m vitok_fast.evaluate --ckpt runs/s1 --data /data/imagenet/val \\
         --inception weights-inception-2015-12-05-6726825d.pth --lpips-vgg vgg16-397923af.pth
     torchrun --nproc_per_node 8 -m vitok_fast.evaluate --ckpt ... --data ...   # sharded
 
@@ -265,9 +265,10 @@ def parse_args(argv=None):
                    "reference batches hold them), or a folder / .npz of real images")
     p.add_argument("--stats-out", help="with --generated: write the samples' mu and sigma here")
     p.add_argument("--resolution", type=cli.positive_int,
-                   help="centre-crop size (default 256 images, 128 videos)")
+                   help="centre-crop size (default: the checkpoint's training resolution, else "
+                   "256 images, 128 videos)")
     p.add_argument("--frames", type=cli.positive_int,
-                   help="frames per clip for video models (default 16)")
+                   help="frames per clip for video models (default: the checkpoint's, else 16)")
     p.add_argument("--metrics", help=f"comma-separated subset (images: {','.join(IMAGE_METRICS)}; "
                                      f"videos: {','.join(VIDEO_METRICS)}); default all")
     p.add_argument("--inception", help=f"FID Inception weights ({M.INCEPTION_FILE})")
@@ -311,7 +312,6 @@ def main(argv=None) -> dict:
         raise ValueError("expected --ckpt and --data (reconstruction metrics) or --generated "
                          "(generation metrics)")
     from vitok_fast.data import make_dataset
-    from vitok_fast.model import ViTok
     from vitok_fast.perceptual import load_lpips
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -323,16 +323,14 @@ def main(argv=None) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
 
-    ckpt = resolve_ckpt(args.ckpt)
-    overrides = {"use_kernels": False} if args.no_kernels else {}
-    model = ViTok.from_pretrained(ckpt, device=device, **overrides)
+    model, ckpt, size = cli.load_vitok(args.ckpt, "evaluate", device=device,
+                                       no_kernels=args.no_kernels, resolution=args.resolution,
+                                       frames=args.frames, tile=args.tile, overlap=args.overlap,
+                                       verbose=rank == 0)
     cfg = model.config
     video = cfg.is_video
     metrics = parse_metrics(args.metrics, video, cfg.name)
-    resolution = args.resolution or (128 if video else 256)
-    frames = args.frames or (16 if video else 1)
-    cli.check_sizes(cfg, resolution=resolution, frames=args.frames,
-                    tile=args.tile, overlap=args.overlap)
+    resolution, frames = size["resolution"], size["frames"]
     # every weight file is checked before the first batch, not after an hour of features
     inception = M.load_inception(args.inception, device) if "fid" in metrics else None
     i3d = M.load_i3d(args.i3d, device) if "fvd" in metrics else None
@@ -350,7 +348,9 @@ def main(argv=None) -> dict:
                        autocast_dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     results = {
         "ckpt": str(ckpt), "model": cfg.name, "channels": cfg.channels, "data": args.data,
-        "resolution": resolution, "frames": frames, "E": cfg.E(frames, resolution, resolution),
+        "resolution": resolution, "frames": frames,
+        **{k: size[k] for k in ("trained_resolution", "trained_frames", "size_source")},
+        "E": cfg.E(frames, resolution, resolution),
         "sample": args.sample, "dtype": args.dtype, "tile": args.tile, **results,
         "skipped_files": len(results["skipped"]),  # each listed with its reason in "skipped"
         "seconds": round(time.time() - start, 2),
