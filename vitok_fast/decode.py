@@ -102,8 +102,7 @@ def main(argv=None) -> int:
 
     from vitok_fast.latents import load_latents
 
-    with cli.option("--latents", args.latents):
-        index, _ = load_latents(args.latents)
+    index, _ = load_latents(args.latents)  # names a missing index.json or shard
     # the latents fix the size; the line says it beside the checkpoint's training setting
     model, _, _ = cli.load_vitok(args.ckpt, "decode", device=args.device,
                                  no_kernels=args.no_kernels, resolution=index.get("resolution"),
