@@ -125,7 +125,7 @@ def _make_dataset(source, resolution, frames, *, frame_stride, train, seed):
     if not path.is_dir():
         raise FileNotFoundError(f"data source {source!r} is neither a directory, a video file, a "
                                 f"tar pattern like 'shards/{{000..099}}.tar', nor 'embedded'")
-    images, videos = _scan(path, IMAGE_EXTS), _scan(path, VIDEO_EXTS)
+    images, videos = scan_files(path, IMAGE_EXTS), scan_files(path, VIDEO_EXTS)
     if frames == 1 and images:
         return ImageFolder(images, **common, **class_labels(path, images))
     if videos:
@@ -363,7 +363,8 @@ class VideoClips(_Items):
         return to_tensor(frames, crop_box(*frames[0].size, rng), self.resolution, flip=False)
 
 
-def _scan(root: Path, exts) -> list[Path]:
+def scan_files(root: Path, exts) -> list[Path]:
+    """Files under ``root`` (recursively) with one of the suffixes ``exts``, sorted."""
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
 
 
