@@ -134,12 +134,12 @@ def test_reconstruct_walks_class_folders_and_names_outputs_after_their_source(ru
 def test_evaluate_generated_reads_class_folders_skips_bad_files_and_writes_its_json(tmp_path,
                                                                                    capsys):
     weights = M.save_random_inception(tmp_path / M.INCEPTION_FILE)
-    generated = photos(tmp_path / "gen", sizes=((32, 32),) * 3)
-    real = photos(tmp_path / "real")  # three sizes, class folders
+    generated = photos(tmp_path / "gen", sizes=((32, 32),))
+    real = photos(tmp_path / "real", sizes=((40, 40), (48, 64)))  # two sizes, class folders
     bad = truncated_jpeg(real / "coffee" / "broken.jpg")
     result = evaluate.main(["--generated", str(generated), "--ref-stats", str(real),
                             "--inception", str(weights), "--device", "cpu", "--batch-size", "4"])
-    assert result["num_samples"] == 6 and result["resolution"] == 32
+    assert result["num_samples"] == 2 and result["resolution"] == 32
     assert np.isfinite(result["gfid"]) and result["gfid"] > 0
     assert [s["path"] for s in result["ref_skipped"]] == [str(bad)]
     assert f"skipped unreadable --ref-stats file {bad}" in capsys.readouterr().err
