@@ -1,7 +1,7 @@
 """Class-conditional DiT on ViTok latents (the paper's generation experiments, Section 3.3).
 
-    python -m vitok_fast.encode --ckpt runs/s2 --data /data/imagenet/train --out latents/in256
-    torchrun --nproc_per_node 8 train/dit.py --latents latents/in256 --vitok runs/s2 --compile
+    python -m vitok_fast.encode --ckpt runs/stage2-S-B_16 --data /data/imagenet/train --out latents/in256
+    torchrun --nproc_per_node 8 train/dit.py --latents latents/in256 --vitok runs/stage2-S-B_16 --compile
     python train/dit.py --smoke                                 # tiny CPU run, ~1 minute
 
 [DiT, paper] DDPM epsilon-prediction with 1000 linear-beta steps, AdamW lr 1e-4 constant, no

@@ -1,6 +1,6 @@
 """Decode latents written by ``python -m vitok_fast.encode`` back to pixels.
 
-    python -m vitok_fast.decode --ckpt runs/s1 --latents latents/imagenet256 --out decoded/
+    python -m vitok_fast.decode --ckpt runs/stage1-S-B_16 --latents latents/imagenet256 --out decoded/
 
 Writes one PNG per image (an MP4 per video) named after the file it was encoded from, under
 its class for labelled data (``<class>/<stem>.png``; ``<stem>.png`` unlabelled; ``000000.png``

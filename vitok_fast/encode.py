@@ -1,6 +1,6 @@
 """Encode a data set to latents (safetensors shards), e.g. to train a diffusion model on them.
 
-    python -m vitok_fast.encode --ckpt runs/s1 --data /data/imagenet/train \\
+    python -m vitok_fast.encode --ckpt runs/stage1-S-B_16 --data /data/imagenet/train \\
         --resolution 256 --out latents/imagenet256
 
 Writes ``latents-00000.safetensors``, ... each holding ``mean`` and ``logvar`` of the

@@ -1,6 +1,6 @@
 """Reconstruction quality of a ViTok checkpoint on a data set, at the paper's protocol.
 
-    python -m vitok_fast.evaluate --ckpt runs/s1 --data /data/imagenet/val \\
+    python -m vitok_fast.evaluate --ckpt runs/stage1-S-B_16 --data /data/imagenet/val \\
         --inception weights-inception-2015-12-05-6726825d.pth --lpips-vgg vgg16-397923af.pth
     torchrun --nproc_per_node 8 -m vitok_fast.evaluate --ckpt ... --data ...   # sharded
 

@@ -1,6 +1,6 @@
 """Per-channel statistics of a tokenizer's latents: the shift and scale a diffusion model needs.
 
-    python -m vitok_fast.latent_stats --ckpt runs/s1 --data /data/imagenet/train \\
+    python -m vitok_fast.latent_stats --ckpt runs/stage1-S-B_16 --data /data/imagenet/train \\
         --resolution 256 --out stats.json
     torchrun --nproc_per_node 8 -m vitok_fast.latent_stats --ckpt ... --data ...   # sharded
 

@@ -1,8 +1,8 @@
 """Plots (matplotlib, PNG): reconstruction grids, bottleneck sweeps, training curves.
 
-    python -m vitok_fast.plots grid --ckpt runs/s1 --data embedded:val --out grid.png
+    python -m vitok_fast.plots grid --ckpt runs/stage1-S-B_16 --data embedded:val --out grid.png
     python -m vitok_fast.plots sweep eval_c4.json eval_c8.json eval_c16.json --out sweep.png
-    python -m vitok_fast.plots curves runs/s1/metrics.jsonl --out curves.png
+    python -m vitok_fast.plots curves runs/stage1-S-B_16/metrics.jsonl --out curves.png
 
 The sweep plot is the paper's Figure 2 (metric vs bottleneck size E) from the JSON files
 ``vitok_fast.evaluate`` writes. Training logs are JSON lines (one object per step with a

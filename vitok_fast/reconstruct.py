@@ -1,7 +1,7 @@
 """Reconstruct image and video files with a ViTok checkpoint; side-by-side comparisons out.
 
-    python -m vitok_fast.reconstruct --ckpt runs/s1 photo.jpg clip.mp4 --out recon/
-    python -m vitok_fast.reconstruct --ckpt runs/s1 photos/ --out recon/
+    python -m vitok_fast.reconstruct --ckpt runs/stage1-S-B_16 photo.jpg clip.mp4 --out recon/
+    python -m vitok_fast.reconstruct --ckpt runs/stage1-S-B_16 photos/ --out recon/
 
 A folder stands for the image and video files anywhere under it (class folders included). For
 each input writes ``<name>_recon.png`` / ``.mp4`` and ``<name>_compare.png`` / ``.mp4`` (input

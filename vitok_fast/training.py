@@ -51,8 +51,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    "'embedded' (the 15 photos shipped with scikit-image) or 'embedded-video'; "
                    "required unless --smoke (which uses embedded / embedded-video)")
     g.add_argument("--val-data", default=None, help="held-out data for the PSNR and image grids "
-                   "(default: the embedded held-out photos for embedded data, else none; "
-                   "'' for none)")
+                   "(default: the embedded held-out photos for embedded data, a fixed 1%% slice "
+                   "of a folder's files, excluded from training, else none; '' for none)")
     g.add_argument("--num-workers", type=cli.nonnegative_int, default=4,
                    help="data-loader workers per rank")
     g = p.add_argument_group("optimisation")
@@ -611,8 +611,8 @@ def image_data(args, device: torch.device):
                             f"excluded from training")
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"no --val-data: holding out {len(held.files)} of the {total} files of "
-                      f"{args.data} (every {total // len(held.files)}th, excluded from training) "
-                      f"for the held-out PSNR and sample grids; e.g. {held.files[0]}",
+                      f"{args.data} (evenly spaced, excluded from training) for the held-out "
+                      f"PSNR and sample grids (--val-data '' for none); e.g. {held.files[0]}",
                       file=sys.stderr)
             return train_set, torch.stack(batch).to(device) if batch else None
     with cli.option("--val-data", args.val_data):
