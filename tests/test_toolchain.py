@@ -162,3 +162,13 @@ def test_evaluate_generated_options_give_a_way_out(tmp_path):
     message = str(error.value)
     assert "pass --inception PATH" in message and "--metrics cannot leave it out" in message
     assert not re.search(r"leave the metric out with --metrics", message)
+
+
+def test_evaluate_checks_metric_names_before_the_model_loads(monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --metrics was checked")
+
+    monkeypatch.setattr(ViTok, "from_pretrained", no_loading)
+    with pytest.raises(UserError, match="--metrics psnr,gfid: unknown gfid; expected a subset"):
+        evaluate.main(["--ckpt", "nowhere", "--data", "embedded:val", "--metrics", "psnr,gfid",
+                       *CPU])

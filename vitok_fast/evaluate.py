@@ -383,6 +383,12 @@ def main(argv=None) -> dict:
     if not args.ckpt or not args.data:
         raise ValueError("expected --ckpt and --data (reconstruction metrics) or --generated "
                          "(generation metrics)")
+    unknown = [m for m in (x.strip() for x in (args.metrics or "").split(","))
+               if m and m not in IMAGE_METRICS + VIDEO_METRICS]
+    if unknown:  # before the model loads; which kind of model takes which is checked after
+        raise cli.UserError(f"--metrics {args.metrics}: unknown {','.join(unknown)}; expected a "
+                            f"subset of {','.join(IMAGE_METRICS)} (image models) or "
+                            f"{','.join(VIDEO_METRICS)} (video models)")
     from vitok_fast.data import make_dataset
     from vitok_fast.perceptual import load_lpips
 
