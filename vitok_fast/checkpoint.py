@@ -7,6 +7,9 @@ A checkpoint is a directory ``<run>/step_00001000/`` holding
   ema/                             stage 2: the model with the EMA decoder (use it to evaluate)
   train_state.pt                   optimizer(s), scheduler(s), step, RNG states of every rank,
                                    data position, skip counters, the run's arguments
+  training.json                    the resolution, frames, step and data trained on, small:
+                                   the tools default their --resolution to it
+                                   (:func:`training_settings`)
 
 Atomicity: everything is written into a hidden temporary directory next to the final one
 (each file through ``atomic_write``: temp file, fsync, rename), then the directory is renamed
@@ -20,7 +23,8 @@ that does not read. ``--resume auto`` then falls back to the newest checkpoint t
 and says which; an explicit ``--resume PATH`` stops with the file's name instead.
 
 :func:`resolve_ckpt` turns what a user passes as ``--ckpt`` (a model folder, a run, a folder
-holding one model) into the model folder; every command and train/dit.py use it.
+holding one model) into the model folder; every command and train/dit.py use it, and
+``from_pretrained`` takes the same paths (vitok_fast/pretrained.py's ``model_folder``).
 """
 
 from __future__ import annotations

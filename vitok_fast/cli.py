@@ -10,6 +10,10 @@ Options are checked while they are parsed, before any work starts: every tool bu
 parser with :class:`ArgumentParser` (whose own errors, such as an unknown choice or a missing
 required option, are a ``UserError`` too, so they read like every other error) and gives
 each option one of the ``type=`` validators below (``positive_int``, ``existing_file``, ...).
+
+A tool that takes a ViTok checkpoint opens it with :func:`load_vitok`: the model, the size
+it runs at (the checkpoint's training resolution unless given, :func:`input_size`) checked
+against it, and the tool's first line on stderr saying both.
 """
 
 from __future__ import annotations
