@@ -228,8 +228,9 @@ def input_size(config, trained: dict | None, resolution=None, frames=None) -> di
             "trained_frames": t_frames, "size_source": source}
 
 
-def describe_size(size: dict) -> str:
-    """``64 px (the checkpoint's training resolution)`` and the like, for a tool's first line."""
+def describe_size(size: dict, given: str = "given") -> str:
+    """``64 px (its training resolution)`` and the like, for a tool's first line; ``given``
+    names where a size not from the checkpoint came from."""
     what = f"{size['resolution']} px" + (f" x {size['frames']} frames" if size["frames"] > 1 else "")
     trained = size["trained_resolution"]
     trained_what = (f"{trained} px" + (f" x {size['trained_frames']} frames"
@@ -240,19 +241,19 @@ def describe_size(size: dict) -> str:
         return f"{what} (the default: the checkpoint records no training resolution; " \
                f"set --resolution)"
     if trained and (size["resolution"], size["frames"]) != (trained, size["trained_frames"]):
-        return f"{what} (given; NOT the training resolution {trained_what})"
-    return f"{what} (given" + ("; the training resolution)" if trained else ")")
+        return f"{what} ({given}; NOT the training resolution {trained_what})"
+    return f"{what} ({given}" + ("; the training resolution)" if trained else ")")
 
 
 def load_vitok(spec, tool: str, *, device="cpu", no_kernels: bool = False, resolution=None,
                frames=None, tile=None, overlap=None, verbose: bool = True,
-               native: Callable | None = None):
+               native: Callable | None = None, given: str = "given"):
     """The ViTok of ``--ckpt spec`` (a model folder, a checkpoint, a run directory) for a
     command: returns ``(model, model folder, size)`` where ``size`` is :func:`input_size`.
     The sizes are checked against the model (:func:`check_sizes`), then the command's first
     line goes to stderr, naming the model, the folder it came from and the size it runs at.
     ``native(size)`` true (reconstruct) keeps inputs at their own size: ``size["resolution"]``
-    is then None."""
+    is then None. ``given`` says where a ``resolution`` passed in came from."""
     from vitok_fast.checkpoint import resolve_ckpt, training_settings
     from vitok_fast.model import ViTok
     from vitok_fast.pretrained import model_folder
@@ -262,7 +263,7 @@ def load_vitok(spec, tool: str, *, device="cpu", no_kernels: bool = False, resol
     model = ViTok.from_pretrained(folder, device=device,
                                   **({"use_kernels": False} if no_kernels else {}))
     size = input_size(model.config, training_settings(folder), resolution, frames)
-    said = describe_size(size)
+    said = describe_size(size, given)
     if native is not None and native(size):
         said = "each input's own size, centre-cropped to whole patches" + (
             "" if size["size_source"] != "default" else

@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     # the latents fix the size; the line says it beside the checkpoint's training setting
     model, _, _ = cli.load_vitok(args.ckpt, "decode", device=args.device,
                                  no_kernels=args.no_kernels, resolution=index.get("resolution"),
-                                 frames=index.get("frames"), tile=args.tile, overlap=args.overlap)
+                                 frames=index.get("frames"), tile=args.tile, overlap=args.overlap,
+                                 given="the latents' size")
     model.eval()
     n = decode_latents(model, args.latents, args.out, batch_size=args.batch_size,
                        sample=args.sample, max_samples=args.max_samples, device=args.device,
