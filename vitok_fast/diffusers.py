@@ -3,7 +3,7 @@
     from vitok_fast import ViTok
     from vitok_fast.diffusers import AutoencoderViTok
 
-    vae = AutoencoderViTok.from_vitok(ViTok.from_pretrained("runs/s1/final"), stats="latents/stats.json")
+    vae = AutoencoderViTok.from_vitok(ViTok.from_pretrained("runs/stage1-S-B_16"), stats="latents/stats.json")
     z = vae.encode(x).latent_dist.sample(generator)          # x: (B, 3, H, W) in [-1, 1]
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor   # what a diffusion model sees
     x_hat = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
