@@ -11,7 +11,6 @@ The sweep plot is the paper's Figure 2 (metric vs bottleneck size E) from the JS
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -156,24 +155,24 @@ def _save(fig, path) -> Path:
 
 
 def main(argv=None) -> Path:
-    p = cli.ArgumentParser(prog="python -m vitok_fast.plots", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.plots", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grid", help="inputs next to reconstructions")
-    g.add_argument("--ckpt", required=True)
-    g.add_argument("--data", required=True)
-    g.add_argument("--resolution", type=cli.positive_int, default=256)
+    cli.add_ckpt(g, required=True)
+    g.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
+    g.add_argument("--resolution", type=cli.positive_int, default=256, help="centre-crop size")
     g.add_argument("--n", type=cli.positive_int, default=4, help="number of images")
-    g.add_argument("--no-kernels", action="store_true")
-    g.add_argument("--device", type=cli.device, default=cli.default_device())
+    cli.add_no_kernels(g)
+    cli.add_device(g)
     s = sub.add_parser("sweep", help="metric vs bottleneck size E")
-    s.add_argument("jsons", nargs="+", type=cli.existing_file)
+    s.add_argument("jsons", nargs="+", type=cli.existing_file,
+                   help="result files of python -m vitok_fast.evaluate")
     s.add_argument("--metrics", help="comma-separated, default all present")
     c = sub.add_parser("curves", help="training curves from a run's log")
-    c.add_argument("log", type=cli.existing_file)
+    c.add_argument("log", type=cli.existing_file, help="a run's metrics.jsonl (or a CSV log)")
     c.add_argument("--keys", help="comma-separated, default all numeric columns")
     for q in (g, s, c):
-        q.add_argument("--out", required=True, type=cli.output_file, help="PNG file to write")
+        cli.add_out(q, "PNG file to write", type=cli.output_file, required=True)
     args = p.parse_args(argv)
 
     if args.command == "sweep":

@@ -13,13 +13,13 @@ and ``labels``; ``python -m vitok_fast.evaluate --generated DIR`` scores them.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vitok_fast import cli
 from vitok_fast.cli import UserError, run
 # What train/dit.py shares with sampling lives in vitok_fast/dit.py and vitok_fast/media.py.
 from vitok_fast.dit import LATENT_FILE, decode_samples, find_latent_info  # noqa: F401
@@ -40,19 +40,19 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m vitok_fast.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.sample", description=__doc__)
     p.add_argument("--dit", required=True, help="train/dit.py run, checkpoint or ema folder")
-    p.add_argument("--vitok", help="the ViTok that encoded the latents (default: the run's)")
+    cli.add_ckpt(p, dest="vitok", deprecated=("--vitok",),
+                 help="the ViTok that encoded the latents (default: the one the DiT run names)")
     p.add_argument("--classes", default="0", help="comma-separated class indices")
     p.add_argument("--per-class", type=int, default=1, help="samples per class")
     p.add_argument("--cfg", type=float, default=1.5, help="guidance scale [paper: 1.5]")
     p.add_argument("--steps", type=int, default=250, help="DDIM steps [paper: 250]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--no-kernels", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass")
+    cli.add_out(p, "output directory for the samples and samples.npz", required=True)
+    cli.add_no_kernels(p)
+    cli.add_device(p)
     args = p.parse_args(argv)
     if args.per_class < 1 or args.batch_size < 1:
         raise UserError(f"--per-class and --batch-size must be at least 1, got "
