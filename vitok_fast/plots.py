@@ -17,14 +17,21 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from vitok_fast import cli
 
-from vitok_fast import cli  # noqa: E402
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (never a window), imported when a plot is
+    drawn rather than with the module, so that ``--help`` does not pay for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 SWEEP_METRICS = ("rfid", "rfvd", "psnr", "ssim", "lpips")
 _LOWER_IS_BETTER = {"rfid", "rfvd", "lpips"}
@@ -41,7 +48,7 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
     real, fake = quantize(originals.cpu()), quantize(reconstructions.cpu())
     scores = psnr(real, fake)
     B = real.shape[0]
-    fig, axes = plt.subplots(B, 2, figsize=(6, 3 * B), squeeze=False)
+    fig, axes = _pyplot().subplots(B, 2, figsize=(6, 3 * B), squeeze=False)
     for i in range(B):
         for j, (img, title) in enumerate(((real[i], titles[0]), (fake[i], titles[1]))):
             ax = axes[i, j]
@@ -68,7 +75,7 @@ def bottleneck_sweep(json_paths, path, metrics=None) -> Path:
     metrics = [m for m in (metrics or SWEEP_METRICS) if any(m in r for r in runs)]
     if not metrics:
         raise ValueError(f"none of the JSONs holds any of the metrics {list(SWEEP_METRICS)}")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
     groups = defaultdict(list)
     for r in runs:
         groups[f"{r.get('model', '?')} {r.get('resolution', '?')}p"].append(r)
@@ -131,7 +138,7 @@ def training_curves(log_path, path, keys=None) -> Path:
         raise ValueError(f"none of the keys {keys} is in {log_path}; it has {sorted(series)}")
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         steps, values = series[key]
         ax.plot(steps, values, lw=1)
@@ -150,7 +157,7 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
