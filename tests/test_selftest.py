@@ -78,9 +78,9 @@ def test_sabotaged_kernel_makes_the_selftest_fail(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--device", "tpu"], "expected cpu, cuda or cuda:N, given 'tpu'"),
+    (["--device", "tpu"], "expected a device such as cpu, cuda or cuda:1, got 'tpu'"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
-     "CUDA is not available" if not torch.cuda.is_available() else "CUDA device(s)"),
+     "no CUDA device is available" if not torch.cuda.is_available() else "CUDA device(s)"),
     (["--out", "/nonexistent-dir/x.json"], "does not exist"),
 ])
 def test_usage_errors_are_one_line_before_any_work(argv, message, capsys, monkeypatch):

@@ -76,10 +76,8 @@ def parse_args(argv=None):
     g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
-    g.add_argument("--no-kernels", action="store_true", help="plain-PyTorch ops instead of the "
-                   "fused Triton kernels")
-    g.add_argument("--device", type=cli.device, default=None,
-                   help="cuda or cpu (default: cuda if available)")
+    cli.add_no_kernels(g)
+    cli.add_device(g, later=True)
     g = p.add_argument_group("run")
     cli.add_out(g, "run directory (default: runs/dit-<model>)", dest="out_dir",
                 deprecated=("--out-dir",))

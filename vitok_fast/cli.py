@@ -289,11 +289,12 @@ def check_sizes(config, *, resolution=None, frames=None, tile=None, overlap=None
                         f"--tile {tile}, got {overlap}")
 
 
-def add_device(parser, default=None) -> argparse.Action:
-    """``--device``: cpu, cuda or cuda:N, checked as it is parsed."""
+def add_device(parser, *, later: bool = False) -> argparse.Action:
+    """``--device``: cpu, cuda or cuda:N, checked as it is parsed. Its default is this machine's
+    choice, or None with ``later=True`` for a caller that chooses per rank (training)."""
     return add_option(parser, "--device", type=device, metavar="DEVICE", shared="device",
-                      default=default_device() if default is None else default,
-                      help="cpu, cuda or cuda:N")
+                      default=None if later else default_device(),
+                      help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
 
 
 def add_no_kernels(parser) -> argparse.Action:

@@ -644,8 +644,7 @@ def environment(dev: torch.device) -> dict:
 def parse_args(argv=None):
     ap = cli.ArgumentParser(prog="python -m vitok_fast.selftest",
                             description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default=None,
-                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    cli.add_device(ap, later=True)
     ap.add_argument("--quick", action="store_true",
                     help="tiny shapes (what a CPU runs under Triton's interpreter in about a minute)")
     cli.add_out(ap, "also write the results as JSON to this file", type=Path, dest="json",

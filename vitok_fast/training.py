@@ -86,15 +86,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute block activations in backward: less memory, more compute")
-    g.add_argument("--no-kernels", action="store_true", help="plain-PyTorch ops instead of the "
-                   "fused Triton kernels")
+    cli.add_no_kernels(g)
     g.add_argument("--attention-backend", choices=attention.BACKENDS, default=attention.DEFAULT_BACKEND,
                    help="attention kernel (docs/attention.md): 'sdpa' = PyTorch's choice; 'auto' "
                    "checks and times the CUDA kernels once per shape, the same choice on every rank")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallel: DDP (a full model per GPU) or FSDP (sharded)")
-    g.add_argument("--device", type=cli.device, default=None,
-                   help="cuda or cpu (default: cuda if available)")
+    cli.add_device(g, later=True)
     g = p.add_argument_group("run")
     cli.add_out(g, "run directory (default: runs/<stage>-<model>)", dest="out_dir",
                 deprecated=("--out-dir",))
