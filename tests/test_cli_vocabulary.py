@@ -148,17 +148,18 @@ def test_deprecated_aliases_still_parse_and_say_so_once_each(parsers, tmp_path, 
     assert capsys.readouterr().err == ""  # the canonical names say nothing
 
 
-def test_lpips_random_is_accepted_wherever_lpips_is(parsers):
+def test_lpips_random_is_accepted_wherever_lpips_is(parsers, tmp_path):
     with_lpips = [c for c, p in parsers.items()
                   if any("--lpips-vgg" in a.option_strings for a in _options(p))]
     assert {"evaluate", "train-stage1", "train-stage2"} <= set(with_lpips)
-    from vitok_fast.perceptual import load_lpips
+    from vitok_fast import ViTok, evaluate
 
-    model = load_lpips("random")  # what --lpips-vgg random hands every loader
-    import torch
-    x = torch.zeros(1, 3, 32, 32)
-    assert model(x, x).abs().max().item() == 0.0
-    assert model(x, x + 0.5).item() > 0
+    ViTok.from_name("T-T/8", use_kernels=False).save_pretrained(tmp_path / "ckpt")
+    results = evaluate.main(["--ckpt", str(tmp_path / "ckpt"), "--data", "embedded:val",
+                             "--resolution", "32", "--metrics", "lpips", "--lpips-vgg", "random",
+                             "--no-kernels", "--num-workers", "0", "--device", "cpu",
+                             "--out", str(tmp_path / "eval.json")])
+    assert results["lpips"] > 0 and "RANDOM" in results["protocol"]["lpips"]  # and says so
 
 
 def test_every_option_has_a_help_text(parsers):

@@ -358,6 +358,8 @@ def main(argv=None) -> dict:
             "fid": f"torch-fidelity Inception-v3 2048-d pool ({M.INCEPTION_FILE}), TF1 bilinear resize to 299",
             "fvd": f"I3D 400-d logits ({M.I3D_FILE}), TF1 bilinear resize to 224, [-1, 1]",
             "ssim": "Gaussian 11x11 sigma 1.5, per channel, per image (per frame)",
+            "lpips": ("a RANDOM VGG backbone (--lpips-vgg random): not comparable"
+                      if args.lpips_vgg == "random" else "VGG16 ImageNet weights, lpips' linear heads"),
         },
     }
     if rank == 0:
