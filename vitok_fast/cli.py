@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -79,6 +80,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
+        # "argument --ckpt/--init: ..." names an option by its canonical name alone
+        message = re.sub(r"^argument (--[\w-]+)(/--[\w-]+)+:", r"argument \1:", message)
         raise UserError(f"{message} (see {self.prog} --help)")
 
 

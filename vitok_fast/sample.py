@@ -1,6 +1,6 @@
 """Sample a class-conditional DiT trained on ViTok latents and decode with the ViTok.
 
-    python -m vitok_fast.sample --dit runs/dit-DiT-XL_1 --vitok runs/s2 --classes 1,2,3 \\
+    python -m vitok_fast.sample --dit runs/dit-DiT-XL_1 --ckpt runs/s2 --classes 1,2,3 \\
         --cfg 1.5 --steps 250 --per-class 4 --out samples/
 
 DDIM (eta 0) with classifier-free guidance (docs/generation.md). ``--dit`` is a train/dit.py
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     dit = DiT.from_pretrained(dit_dir, device=args.device, **overrides).eval()
     vitok_path = args.vitok or info.get("vitok")
     if not vitok_path:
-        raise UserError("pass --vitok: the run does not record which ViTok encoded its latents")
+        raise UserError("pass --ckpt (the ViTok): the run does not record which ViTok encoded its latents")
     vitok = ViTok.from_pretrained(resolve_ckpt(vitok_path), device=args.device, **overrides).eval()
     norm = LatentNorm(info["stats"], info.get("per_channel_norm", False))
     shape = tuple(info["latent_shape"])

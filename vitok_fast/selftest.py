@@ -2,7 +2,7 @@
 
     python -m vitok_fast.selftest                  # the current device (CUDA if present), real shapes
     python -m vitok_fast.selftest --quick          # tiny shapes: what a CPU runs under Triton's interpreter
-    python -m vitok_fast.selftest --device cuda:1 --json selftest.json
+    python -m vitok_fast.selftest --device cuda:1 --out selftest.json
 
 It prints the environment (torch, Triton, CUDA, the GPU and its compute capability, which
 optional backends import), then runs, on the chosen device, and prints ok / FAIL / skip with
@@ -25,7 +25,7 @@ the error and its bound for each:
 A number next to a check is the error at the element closest to its bound and that bound,
 both relative to the largest reference magnitude of the tensor: ``ok`` means no element
 exceeds its bound. The exit status is 1 if any check fails, 2 on a usage error.
-``--json PATH`` writes ``{"device", "versions", "checks": [{"name", "ok", "max_rel_err",
+``--out PATH`` writes ``{"device", "versions", "checks": [{"name", "ok", "max_rel_err",
 "bound", "ms", "ms_eager"}]}`` (``ok`` is null for a skipped check).
 """
 
