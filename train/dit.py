@@ -28,8 +28,8 @@ from vitok_fast.dit import LATENT_FILE, DiT, DiTConfig, Diffusion, LatentNorm  #
 from vitok_fast.fileio import atomic_write
 from vitok_fast.latents import load_latent_set
 from vitok_fast.run import TrainingRun
-from vitok_fast.training import (EMA, StopOnSignal, build_optimizer, clip_grad_norm,
-                                 cosine_schedule, noise_seed)
+from vitok_fast.training import (EMA, StopOnSignal, add_run_args, build_optimizer,
+                                 clip_grad_norm, cosine_schedule, noise_seed)
 
 
 # [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
@@ -78,18 +78,10 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     cli.add_no_kernels(g)
     cli.add_device(g, later=True)
-    g = p.add_argument_group("run")
-    cli.add_out(g, "run directory (default: runs/dit-<model>)", dest="out_dir",
-                deprecated=("--out-dir",))
-    g.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in --out if "
-                   "any), a checkpoint directory, or '' to start fresh")
-    g.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
-    g.add_argument("--save-every", type=cli.positive_int, default=5000,
-                   help="steps between checkpoints")
+    g = add_run_args(p, "dit-<model>", save_every=5000)
     g.add_argument("--sample-every", type=cli.positive_int, default=5000, help="sample grid from the EMA")
     g.add_argument("--sample-steps", type=cli.positive_int, default=50, help="DDIM steps of the grids")
     g.add_argument("--cfg", type=cli.nonnegative_float, default=1.5, help="guidance scale of the grids")
-    g.add_argument("--log-every", type=cli.positive_int, default=10, help="steps between log lines")
     g.add_argument("--smoke", action="store_true", help="a CPU-sized run on latents of the "
                    "embedded photos under a random T-T/8 ViTok (written to <out>/smoke)")
     args = p.parse_args(argv)

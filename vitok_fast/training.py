@@ -93,18 +93,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallel: DDP (a full model per GPU) or FSDP (sharded)")
     cli.add_device(g, later=True)
-    g = p.add_argument_group("run")
-    cli.add_out(g, "run directory (default: runs/<stage>-<model>)", dest="out_dir",
-                deprecated=("--out-dir",))
-    g.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in --out if "
-                   "any), a checkpoint directory, or '' to start fresh")
-    g.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
-    g.add_argument("--save-every", type=cli.positive_int, default=2000,
-                   help="steps between checkpoints")
+    g = add_run_args(p, "<stage>-<model>", save_every=2000)
     g.add_argument("--eval-every", type=cli.positive_int, default=1000,
                    help="steps between held-out PSNR and sample grids")
-    g.add_argument("--log-every", type=cli.positive_int, default=10,
-                   help="steps between log lines")
     g.add_argument("--val-images", type=cli.positive_int, default=8,
                    help="held-out samples per evaluation (--val-data '' for none)")
     g.add_argument("--bench-out", type=cli.output_file, default=None,
@@ -112,6 +103,22 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoke", action="store_true",
                    help="a CPU-sized run: T-T/8 at 32px, batch 8, 30 steps, embedded data, "
                    "random LPIPS backbone unless --lpips-vgg is given")
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str, save_every: int):
+    """The "run" group of every training script (both stages and train/dit.py): where the run
+    lives, how it resumes, how often it saves and logs. Returns the group for more."""
+    g = p.add_argument_group("run")
+    cli.add_out(g, f"run directory (default: runs/{name})", dest="out_dir",
+                deprecated=("--out-dir",))
+    g.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in --out if "
+                   "any), a checkpoint directory, or '' to start fresh")
+    g.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
+    g.add_argument("--save-every", type=cli.positive_int, default=save_every,
+                   help="steps between checkpoints")
+    g.add_argument("--log-every", type=cli.positive_int, default=10,
+                   help="steps between log lines")
+    return g
 
 
 # [ours] The paper's lr rule gives 3e-6 at batch 8, far too low for a model this small.
