@@ -1,7 +1,8 @@
 from setuptools import setup
 
 # The Triton kernels live in kernels/ but install as vitok_fast.kernels: a top-level
-# `kernels` module would clash with the PyPI package of that name.
+# `kernels` module would clash with the PyPI package of that name. The training scripts of
+# train/ install as vitok_fast.train (still runnable by path from a clone).
 CORE = ["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "einops>=0.7",
         "safetensors>=0.4", "numpy>=1.24"]
 EXTRAS = {
@@ -40,8 +41,11 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vitok_fast", "vitok_fast.kernels"],
-    package_dir={"vitok_fast": "vitok_fast", "vitok_fast.kernels": "kernels"},
+    packages=["vitok_fast", "vitok_fast.kernels", "vitok_fast.train"],
+    package_dir={"vitok_fast": "vitok_fast", "vitok_fast.kernels": "kernels",
+                 "vitok_fast.train": "train"},
+    # One command, `vitok <command>`, for every tool and training script (vitok_fast/__main__.py).
+    entry_points={"console_scripts": ["vitok = vitok_fast.__main__:main"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     license="MIT",

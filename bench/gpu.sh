@@ -107,7 +107,7 @@ if [ "$TINY" = 1 ]; then
     # our kernels on the CPU: Triton's interpreter, chosen before any Python starts
     python_has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
     [ "$python_has_cuda" = 1 ] || export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
-    step selftest 300 "$PY" -m vitok_fast.selftest --quick --json "$OUT/selftest_cpu.json"
+    step selftest 300 "$PY" -m vitok_fast.selftest --quick --out "$OUT/selftest_cpu.json"
     step roofline 120 "$PY" bench/roofline.py --model S-B/16 --batch 2 --json "$OUT/roofline_S-B_16.json"
     # no CUDA-only test runs on a CPU: pytest exits 5 (nothing collected) or 0 (all skipped)
     step pytest_gpu 120 bash -c "'$PY' -m pytest tests/ -m gpu -q -p no:cacheprovider --benchmark-disable; rc=\$?; [ \$rc -eq 5 ] && exit 0; exit \$rc"
@@ -118,7 +118,7 @@ if [ "$TINY" = 1 ]; then
     skip train_throughput "needs CUDA: the script has no CPU mode"
     step profile_step 180 "$PY" bench/profile_step.py --tiny --device cpu --out-dir "$OUT/profiles"
 else
-    step selftest 300 "$PY" -m vitok_fast.selftest --json "$OUT/selftest_$GPU.json"
+    step selftest 300 "$PY" -m vitok_fast.selftest --out "$OUT/selftest_$GPU.json"
     # the model's predictions (seconds, no GPU work) early, so the summary always has them
     step roofline 60 "$PY" bench/roofline.py --model S-B/16 --json "$OUT/roofline_S-B_16.json"
     step pytest_gpu 240 "$PY" -m pytest tests/ -m gpu -q -p no:cacheprovider --benchmark-disable

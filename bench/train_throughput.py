@@ -66,7 +66,7 @@ def main():
                    "--global-batch-size", str(args.micro_batch_size * args.accum),
                    "--max-steps", str(args.steps), "--log-every", "5",
                    "--save-every", str(10**9), "--eval-every", str(10**9), "--val-images", "2",
-                   "--lpips-vgg", "random", "--data", "embedded", "--num-workers", str(args.num_workers), "--resume", "", "--out-dir", f"{tmp}/{name}",
+                   "--lpips-vgg", "random", "--data", "embedded", "--num-workers", str(args.num_workers), "--resume", "", "--out", f"{tmp}/{name}",
                    "--bench-out", str(record), *VARIANTS[name]]
             print(f"== {name}: {' '.join(cmd)}", flush=True)
             run = subprocess.run(cmd, cwd=ROOT)

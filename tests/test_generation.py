@@ -114,7 +114,7 @@ def smoke_run(tmp_path_factory):
     train_dit = load_script("train/dit.py")
 
     out = tmp_path_factory.mktemp("dit_run")
-    result = train_dit.main(["--smoke", "--no-kernels", "--out-dir", str(out), "--max-steps", "4",
+    result = train_dit.main(["--smoke", "--no-kernels", "--out", str(out), "--max-steps", "4",
                              "--save-every", "2", "--sample-every", "4", "--sample-steps", "3"])
     return out, result
 
@@ -127,9 +127,9 @@ def test_smoke_run_trains_saves_and_resumes_exactly(smoke_run, tmp_path):
     assert (out / "step_00000004" / "ema" / "model.safetensors").is_file()
     assert (out / "samples" / "step_00000004.png").is_file()
     part = tmp_path / "resumed"
-    args = ["--smoke", "--no-kernels", "--out-dir", str(part), "--sample-steps", "3",
+    args = ["--smoke", "--no-kernels", "--out", str(part), "--sample-steps", "3",
             "--save-every", "2", "--sample-every", "4",
-            "--latents", str(out / "smoke" / "latents"), "--vitok", str(out / "smoke" / "vitok")]
+            "--latents", str(out / "smoke" / "latents"), "--ckpt", str(out / "smoke" / "vitok")]
     first = train_dit.main(args + ["--max-steps", "2"])
     second = train_dit.main(args + ["--max-steps", "4"])  # resumes from step 2
     assert first["losses"] + second["losses"] == full["losses"]

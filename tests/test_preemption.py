@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def _args(out, *extra, resume=""):
     return ["--smoke", "--no-kernels", "--num-workers", "0", "--lpips-weight", "0",
             "--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "10000",
-            "--out-dir", str(out), "--resume", resume, *map(str, extra)]
+            "--out", str(out), "--resume", resume, *map(str, extra)]
 
 
 def _weights(path):
@@ -257,7 +257,7 @@ def test_damaged_checkpoint_is_named_and_auto_falls_back_to_the_previous(tmp_pat
 
 def test_stage2_sigterm_saves_and_the_resume_is_bit_identical_ema_included(tmp_path):
     stage1.main(_args(tmp_path / "s1", "--max-steps", 1))
-    args = lambda out, resume="": _args(out, "--init", tmp_path / "s1", "--save-every", 100,
+    args = lambda out, resume="": _args(out, "--ckpt", tmp_path / "s1", "--save-every", 100,
                                         "--disc-warmup", 2, resume=resume)
     run = Run("stage2", tmp_path / "cut", args(tmp_path / "cut"))
     try:
@@ -279,7 +279,7 @@ def test_stage2_sigterm_saves_and_the_resume_is_bit_identical_ema_included(tmp_p
 def test_dit_sigusr1_saves_and_the_resume_is_bit_identical_ema_included(tmp_path):
     def args(out, resume=""):
         return ["--smoke", "--no-kernels", "--max-steps", str(STEPS), "--log-every", "1",
-                "--save-every", "100", "--sample-every", "100000", "--out-dir", str(out),
+                "--save-every", "100", "--sample-every", "100000", "--out", str(out),
                 "--resume", resume]
 
     run = Run("dit", tmp_path / "cut", args(tmp_path / "cut"))

@@ -21,7 +21,7 @@ def _load(path):
 
 def test_quick_selftest_passes_and_writes_the_json_schema(tmp_path, capsys):
     path = tmp_path / "selftest.json"
-    assert selftest.main(["--quick", "--json", str(path)]) == 0
+    assert selftest.main(["--quick", "--out", str(path)]) == 0
     data = _load(path)
     assert data["device"] == "cpu" and data["versions"]["torch"] == torch.__version__
     checks = {c["name"]: c for c in data["checks"]}
@@ -58,13 +58,13 @@ def _small(monkeypatch):
 def test_sabotaged_kernel_makes_the_selftest_fail(tmp_path, monkeypatch, capsys):
     _small(monkeypatch)
     path = tmp_path / "ok.json"
-    assert selftest.main(["--quick", "--json", str(path)]) == 0
+    assert selftest.main(["--quick", "--out", str(path)]) == 0
     honest = {c["name"]: c for c in _load(path)["checks"]}
 
     original = kernels.rms_norm
     monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps=1e-6: original(x, w, eps) + 1e-2)
     path = tmp_path / "sabotaged.json"
-    assert selftest.main(["--quick", "--json", str(path)]) == 1
+    assert selftest.main(["--quick", "--out", str(path)]) == 1
     checks = {c["name"]: c for c in _load(path)["checks"]}
     for dtype in ("fp32", "bf16"):
         bad = checks[f"rms_norm S-B/16 {dtype}"]
@@ -78,10 +78,10 @@ def test_sabotaged_kernel_makes_the_selftest_fail(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--device", "tpu"], "expected cpu, cuda or cuda:N, given 'tpu'"),
+    (["--device", "tpu"], "expected a device such as cpu, cuda or cuda:1, got 'tpu'"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
-     "CUDA is not available" if not torch.cuda.is_available() else "CUDA device(s)"),
-    (["--json", "/nonexistent-dir/x.json"], "does not exist"),
+     "no CUDA device is available" if not torch.cuda.is_available() else "CUDA device(s)"),
+    (["--out", "/nonexistent-dir/x.json"], "does not exist"),
 ])
 def test_usage_errors_are_one_line_before_any_work(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(selftest, "op_checks", lambda *a: pytest.fail("ran checks"))

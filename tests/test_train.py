@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _args(out, *extra):
-    return ["--smoke", "--no-kernels", "--out-dir", str(out), "--resume", "",
+    return ["--smoke", "--no-kernels", "--out", str(out), "--resume", "",
             "--num-workers", "0", *map(str, extra)]
 
 
@@ -118,7 +118,7 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, monkeyp
 def test_stage2_freezes_encoder_and_updates_the_ema(tmp_path):
     stage1.main(_args(tmp_path / "s1", "--max-steps", 2, "--lpips-weight", 0))
     init = tmp_path / "s1" / "step_00000002"
-    out = stage2.main(_args(tmp_path / "s2", "--init", init, "--max-steps", 3, "--save-every", 1,
+    out = stage2.main(_args(tmp_path / "s2", "--ckpt", init, "--max-steps", 3, "--save-every", 1,
                             "--keep", 5, "--lpips-weight", 0, "--disc-warmup", 1,
                             "--eval-every", 3, "--ema-decay", 0.99))
     assert out["step"] == 3 and out["nonfinite_steps"] == 0
@@ -140,7 +140,7 @@ def test_stage2_freezes_encoder_and_updates_the_ema(tmp_path):
 
 def test_stage2_resumes_exactly_discriminator_and_ema_included(tmp_path, monkeypatch):
     stage1.main(_args(tmp_path / "s1", "--max-steps", 1, "--lpips-weight", 0))
-    common = ["--init", tmp_path / "s1", "--max-steps", 4, "--save-every", 2, "--lpips-weight", 0,
+    common = ["--ckpt", tmp_path / "s1", "--max-steps", 4, "--save-every", 2, "--lpips-weight", 0,
               "--disc-warmup", 1, "--eval-every", 100, "--global-batch-size", 4,
               "--micro-batch-size", 2]
     full = stage2.main(_args(tmp_path / "full", *common))

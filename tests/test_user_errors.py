@@ -64,7 +64,7 @@ def files(tmp_path_factory):
 
 
 def _train(out, *extra):
-    return ["--smoke", "--no-kernels", "--num-workers", "0", "--out-dir", str(out), *extra]
+    return ["--smoke", "--no-kernels", "--num-workers", "0", "--out", str(out), *extra]
 
 
 def _ckpt(f):
@@ -74,7 +74,7 @@ def _ckpt(f):
 # (id, tool, argv from the files folder, words the message must contain)
 CASES = [
     # -- the cases of issue 12 ---------------------------------------------------------------
-    ("stage2-init-auto", "stage2", lambda f: _train(f / "o", "--init", "auto"), ["--init", "'auto'"]),
+    ("stage2-init-auto", "stage2", lambda f: _train(f / "o", "--ckpt", "auto"), ["--ckpt", "'auto'"]),
     ("eval-every-0", "stage1", lambda f: _train(f / "o", "--eval-every", "0"), ["--eval-every", "0"]),
     ("save-every-0", "stage1", lambda f: _train(f / "o", "--save-every", "0"), ["--save-every", "0"]),
     ("val-images-0", "stage1", lambda f: _train(f / "o", "--val-images", "0"), ["--val-images", "0"]),
@@ -87,7 +87,7 @@ CASES = [
     ("resume-other-model-size", "stage1", lambda f: _train(f / "run_p16"),
      ["run_p16", "T-T/16", "patch_size: 16 -> 8"]),
     ("stage2-resume-other-channels", "stage2",
-     lambda f: _train(f / "s2_c8", "--init", str(f / "s1")), ["s2_c8", "channels: 8 -> 16"]),
+     lambda f: _train(f / "s2_c8", "--ckpt", str(f / "s1")), ["s2_c8", "channels: 8 -> 16"]),
     ("inception-corrupt", "evaluate",
      lambda f: [*_ckpt(f), "--data", str(f / "photos"), "--metrics", "fid",
                 "--inception", str(f / "corrupt.pth")], ["--inception", "corrupt.pth"]),
@@ -97,14 +97,14 @@ CASES = [
     ("encode-folder-other-settings", "encode",
      lambda f: [*_ckpt(f), "--data", str(f / "photos"), "--resolution", "32",
                 "--out", str(f / "latents")], ["latents", "config.channels: 8 -> 16"]),
-    ("training-without-data", "stage1", lambda f: ["--out-dir", str(f / "o"), "--no-kernels"],
+    ("training-without-data", "stage1", lambda f: ["--out", str(f / "o"), "--no-kernels"],
      ["--data", "embedded"]),
-    ("dit-without-latents", "dit", lambda f: ["--out-dir", str(f / "o")], ["--latents"]),
-    ("dit-latents-missing", "dit", lambda f: ["--latents", str(f / "nope"), "--out-dir",
+    ("dit-without-latents", "dit", lambda f: ["--out", str(f / "o")], ["--latents"]),
+    ("dit-latents-missing", "dit", lambda f: ["--latents", str(f / "nope"), "--out",
                                               str(f / "o")], ["--latents", "nope"]),
-    ("dit-save-every-0", "dit", lambda f: ["--smoke", "--save-every", "0", "--out-dir",
+    ("dit-save-every-0", "dit", lambda f: ["--smoke", "--save-every", "0", "--out",
                                            str(f / "o")], ["--save-every", "0"]),
-    ("dit-class-dropout-2", "dit", lambda f: ["--smoke", "--class-dropout", "2", "--out-dir",
+    ("dit-class-dropout-2", "dit", lambda f: ["--smoke", "--class-dropout", "2", "--out",
                                               str(f / "o")], ["--class-dropout", "2"]),
     # -- counts: negative, zero, not an integer; numbers out of range ------------------------
     ("micro-batch-negative", "stage1", lambda f: _train(f / "o", "--micro-batch-size", "-4"),
@@ -114,7 +114,7 @@ CASES = [
     ("lr-negative", "stage1", lambda f: _train(f / "o", "--lr", "-0.001"), ["--lr", "-0.001"]),
     ("warmup-frac-above-1", "stage1", lambda f: _train(f / "o", "--warmup-frac", "3"),
      ["--warmup-frac", "between 0 and 1"]),
-    ("ema-decay-nan", "stage2", lambda f: _train(f / "o", "--init", str(f / "s1"), "--ema-decay",
+    ("ema-decay-nan", "stage2", lambda f: _train(f / "o", "--ckpt", str(f / "s1"), "--ema-decay",
                                                  "nan"), ["--ema-decay", "nan"]),
     ("evaluate-batch-size-0", "evaluate",
      lambda f: [*_ckpt(f), "--data", str(f / "photos"), "--batch-size", "0"], ["--batch-size", "0"]),
@@ -172,9 +172,9 @@ CASES = [
      ["--data", "nope"]),
     ("training-val-data-without-images", "stage1",
      lambda f: _train(f / "o", "--val-data", str(f / "latents")), ["--val-data", "latents"]),
-    ("missing-init", "stage2", lambda f: _train(f / "o", "--init", str(f / "nope")), ["--init", "nope"]),
-    ("init-without-checkpoints", "stage2", lambda f: _train(f / "o", "--init", str(f / "photos")),
-     ["--init", "photos", "stage-1"]),
+    ("missing-init", "stage2", lambda f: _train(f / "o", "--ckpt", str(f / "nope")), ["--ckpt", "nope"]),
+    ("init-without-checkpoints", "stage2", lambda f: _train(f / "o", "--ckpt", str(f / "photos")),
+     ["--ckpt", "photos", "stage-1"]),
     ("missing-log", "plots", lambda f: ["curves", str(f / "nope.jsonl"), "--out", str(f / "c.png")],
      ["nope.jsonl"]),
     ("latents-is-a-file", "decode",
@@ -182,7 +182,7 @@ CASES = [
      ["--latents", "a_file", "is a file"]),
     ("out-dir-is-a-file", "reconstruct",
      lambda f: [str(f / "tiny.png"), "--out", str(f / "a_file"), *_ckpt(f)], ["--out", "a_file"]),
-    ("training-out-dir-is-a-file", "stage1", lambda f: _train(f / "a_file"), ["--out-dir", "a_file"]),
+    ("training-out-dir-is-a-file", "stage1", lambda f: _train(f / "a_file"), ["--out", "a_file"]),
     ("evaluate-out-is-a-directory", "evaluate",
      lambda f: [*_ckpt(f), "--data", str(f / "photos"), "--out", str(f / "photos")],
      ["--out", "photos", "is a directory"]),
@@ -245,7 +245,7 @@ def test_video_models_train_at_the_papers_128p_and_images_at_256p():
 PROCESS_CASES = [
     ("stage1", lambda f: [str(ROOT / "train" / "stage1.py"), "--smoke", "--max-steps", "0"],
      "--max-steps"),
-    ("stage2", lambda f: [str(ROOT / "train" / "stage2.py"), "--smoke", "--init", "auto"], "--init"),
+    ("stage2", lambda f: [str(ROOT / "train" / "stage2.py"), "--smoke", "--ckpt", "auto"], "--ckpt"),
     ("dit", lambda f: [str(ROOT / "train" / "dit.py"), "--smoke", "--keep", "0"], "--keep"),
     ("evaluate", lambda f: ["-m", "vitok_fast.evaluate", "--ckpt", str(f / "truncated"),
                             "--data", str(f / "photos")], "model.safetensors"),

@@ -1,7 +1,7 @@
 """Class-conditional DiT on ViTok latents (the paper's generation experiments, Section 3.3).
 
     python -m vitok_fast.encode --ckpt runs/stage2-S-B_16 --data /data/imagenet/train --out latents/in256
-    torchrun --nproc_per_node 8 train/dit.py --latents latents/in256 --vitok runs/stage2-S-B_16 --compile
+    torchrun --nproc_per_node 8 train/dit.py --latents latents/in256 --ckpt runs/stage2-S-B_16 --compile
     python train/dit.py --smoke                                 # tiny CPU run, ~1 minute
 
 [DiT, paper] DDPM epsilon-prediction with 1000 linear-beta steps, AdamW lr 1e-4 constant, no
@@ -15,7 +15,6 @@ loop (DDP, bf16, exact resume, checkpoints, logging, signals) is the run skeleto
 scripts share (vitok_fast/run.py).
 """
 
-import argparse
 import json
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from vitok_fast.dit import LATENT_FILE, DiT, DiTConfig, Diffusion, LatentNorm  #
 from vitok_fast.fileio import atomic_write
 from vitok_fast.latents import load_latent_set
 from vitok_fast.run import TrainingRun
-from vitok_fast.training import (EMA, StopOnSignal, build_optimizer, clip_grad_norm,
-                                 cosine_schedule, noise_seed)
+from vitok_fast.training import (EMA, StopOnSignal, add_run_args, build_optimizer,
+                                 clip_grad_norm, cosine_schedule, noise_seed)
 
 
 # [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
@@ -39,14 +38,14 @@ SMOKE = dict(model="DiT-T/1", global_batch_size=8, micro_batch_size=4, max_steps
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="DiT-XL/1", help="DiT-S/B/L/XL (or T, tiny) / patch size "
                    "over the latent grid [paper: DiT-XL, patch 1 on ViTok /16 latents]")
     g.add_argument("--latents", type=cli.existing_dir, default=None, help="labelled latent shards + stats.json "
                    "(python -m vitok_fast.encode)")
-    g.add_argument("--vitok", type=cli.existing_dir, default=None, help="the ViTok that encoded them: decodes sample grids")
+    cli.add_ckpt(g, type=cli.existing_dir, default=None, dest="vitok", deprecated=("--vitok",),
+                 help="the ViTok that encoded them: decodes sample grids")
     g.add_argument("--posterior", choices=["sample", "mean"], default="sample",
                    help="train on posterior samples (fresh each step) or the mean")
     g.add_argument("--per-channel-norm", action="store_true",
@@ -55,35 +54,36 @@ def parse_args(argv=None):
     g.add_argument("--num-workers", type=cli.nonnegative_int, default=0, help="the latents are in memory")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch-size", type=cli.positive_int, default=256, help="[DiT] 256")
-    g.add_argument("--micro-batch-size", type=cli.positive_int, default=32)
+    g.add_argument("--micro-batch-size", type=cli.positive_int, default=32,
+                   help="per rank and forward pass; the rest is gradient accumulation")
     g.add_argument("--max-steps", type=cli.positive_int, default=400_000, help="[DiT] 400k for its Table 4")
     g.add_argument("--lr", type=cli.positive_float, default=1e-4, help="[DiT] 1e-4")
     g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="[DiT] constant; cosine decays to --min-lr after --warmup-frac")
-    g.add_argument("--warmup-frac", type=cli.fraction, default=0.0)
-    g.add_argument("--min-lr", type=cli.nonnegative_float, default=1e-5)
+    g.add_argument("--warmup-frac", type=cli.fraction, default=0.0,
+                   help="fraction of --max-steps with a linear lr warm-up")
+    g.add_argument("--min-lr", type=cli.nonnegative_float, default=1e-5,
+                   help="lr at the end of --schedule cosine")
     g.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.0, help="[DiT] 0")
-    g.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
+    g.add_argument("--grad-clip", type=cli.positive_float, default=1.0,
+                   help="clip the gradient's global norm to this")
     g.add_argument("--ema-decay", type=cli.fraction, default=0.9999, help="[DiT] 0.9999")
-    g.add_argument("--max-nonfinite", type=cli.positive_int, default=10)
-    g.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    g.add_argument("--max-nonfinite", type=cli.positive_int, default=10,
+                   help="stop after this many non-finite steps in a row")
+    g.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                   help="seed of the weights, the data order and the noise")
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
-    g.add_argument("--no-kernels", action="store_true")
-    g.add_argument("--device", type=cli.device, default=None)
-    g = p.add_argument_group("run")
-    g.add_argument("--out-dir", type=cli.output_dir, default=None, help="run directory (default: runs/dit-<model>)")
-    g.add_argument("--resume", default="auto")
-    g.add_argument("--keep", type=cli.positive_int, default=3)
-    g.add_argument("--save-every", type=cli.positive_int, default=5000)
+    cli.add_no_kernels(g)
+    cli.add_device(g, later=True)
+    g = add_run_args(p, "dit-<model>", save_every=5000)
     g.add_argument("--sample-every", type=cli.positive_int, default=5000, help="sample grid from the EMA")
     g.add_argument("--sample-steps", type=cli.positive_int, default=50, help="DDIM steps of the grids")
     g.add_argument("--cfg", type=cli.nonnegative_float, default=1.5, help="guidance scale of the grids")
-    g.add_argument("--log-every", type=cli.positive_int, default=10)
     g.add_argument("--smoke", action="store_true", help="a CPU-sized run on latents of the "
-                   "embedded photos under a random T-T/8 ViTok (written to <out-dir>/smoke)")
+                   "embedded photos under a random T-T/8 ViTok (written to <out>/smoke)")
     args = p.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():

@@ -10,7 +10,6 @@ clipping 1.0, bf16, batch 1024 images / 256 videos, 100k steps. No EMA in stage 
 The model knows nothing of DDP, compile or checkpoints: they are applied here, from outside.
 """
 
-import argparse
 
 import torch
 
@@ -26,8 +25,7 @@ from vitok_fast.training import (StopOnSignal, add_common_args, build_lpips, bui
 
 
 def parse_args(argv=None):
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--kl-weight", type=cli.nonnegative_float, default=1e-3,
                         help="beta [paper: 1e-3]")

@@ -1,7 +1,7 @@
 """Stage 2 of ViTok training: freeze the encoder, fine-tune the decoder with a GAN.
 
-    torchrun --nproc_per_node 8 train/stage2.py --init runs/stage1-S-B_16 --data /data/in/train
-    python train/stage2.py --smoke --init runs/stage1-T-T_8        # tiny CPU run
+    torchrun --nproc_per_node 8 train/stage2.py --ckpt runs/stage1-S-B_16 --data /data/in/train
+    python train/stage2.py --smoke --ckpt runs/stage1-T-T_8        # tiny CPU run
 
 [paper] Section 2.3 (docs/design.md section 2): the encoder is frozen; the decoder trains on
 MSE + eta * LPIPS + lambda * GAN with a StyleGAN discriminator (lr 2e-5, 25k-step warm-up);
@@ -31,10 +31,10 @@ from vitok_fast.training import (EMA, StopOnSignal, add_common_args, build_lpips
 
 
 def _init_dir(text: str) -> str:
-    """``--init``: an existing stage-1 checkpoint or run directory ('auto' is --resume's)."""
+    """``--ckpt``: an existing stage-1 checkpoint or run directory ('auto' is --resume's)."""
     if text == "auto":
         raise argparse.ArgumentTypeError(
-            "'auto' is for --resume; --init needs the stage-1 checkpoint directory or the "
+            "'auto' is for --resume; --ckpt needs the stage-1 checkpoint directory or the "
             "stage-1 run directory (its latest checkpoint), e.g. runs/stage1-S-B_16")
     cli.existing_dir(text)
     if not is_complete(Path(text)) and latest_checkpoint(text) is None:
@@ -51,18 +51,17 @@ def _init_config(spec):
     from vitok_fast import ViTokConfig
     from vitok_fast.model import CONFIG_FILE
 
-    path = resolve_checkpoint(spec, spec, flag="--init")
+    path = resolve_checkpoint(spec, spec, flag="--ckpt")
     return ViTokConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
 
 
 def parse_args(argv=None):
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     g = parser.add_argument_group("stage 2")
-    g.add_argument("--init", required=True, type=_init_dir,
-                   help="stage-1 checkpoint directory (or a stage-1 run directory: its latest); "
-                   "the model (--model, --channels) is the one it holds")
+    cli.add_ckpt(g, required=True, type=_init_dir, dest="init", deprecated=("--init",),
+                 help="stage-1 checkpoint directory (or a stage-1 run directory: its latest); "
+                 "the model (--model, --channels) is the one it holds")
     g.add_argument("--gan-weight", type=cli.nonnegative_float, default=0.05,
                    help="lambda [ours: 0.05, see docs/design.md section 2]")
     g.add_argument("--disc-lr", type=cli.positive_float, default=2e-5, help="[paper] 2e-5")
@@ -97,13 +96,13 @@ def train(argv, stop: StopOnSignal) -> dict:
     out_dir, accum, guard = run.out_dir, run.accum, run.guard
 
     # -- everything that can fail on user input fails here -----------------------------------
-    init = resolve_checkpoint(args.init, args.init, flag="--init")
+    init = resolve_checkpoint(args.init, args.init, flag="--ckpt")
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
     train_set, val_batch = image_data(args, device)  # --data's stream, --val-data's batch
     resume_from, state = run.resume()
     if resume_from is not None:  # a run of another stage-1 model names the differing fields
-        check_resume_model(resume_from, _init_config(args.init), f"--init {args.init}")
+        check_resume_model(resume_from, _init_config(args.init), f"--ckpt {args.init}")
 
     # -- the stage-1 model with a frozen encoder, a discriminator, the EMA -------------------
     model = ViTok.from_pretrained(resume_from or init, device=device,

@@ -152,8 +152,19 @@ def fa4_available() -> bool:
     return _fa4_import()[0] is not None
 
 
-@torch.compiler.disable  # CuTe DSL kernels: a graph break under torch.compile, not a trace
 def _fa4(q, k, v, scale=None):
+    return _fa4_eager()(q, k, v, scale)
+
+
+@functools.cache
+def _fa4_eager():
+    """CuTe DSL kernels: a graph break under torch.compile, not a trace. Applied on first use,
+    not at import: ``torch.compiler.disable`` imports torch._dynamo, seconds that every
+    ``import vitok_fast.model`` (and each tool's ``--help``) would pay."""
+    return torch.compiler.disable(_fa4_call)
+
+
+def _fa4_call(q, k, v, scale=None):
     fn, why = _fa4_import()
     if fn is None:
         raise ImportError(

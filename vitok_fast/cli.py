@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -58,13 +59,102 @@ def first_sentence(error: Exception, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The tools' ``--help``: the description as written, and ``(default: X)`` after an
+    option's help unless the help already says its default or there is none to say (None,
+    False, a suppressed default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS
+                or "default" in text.lower() or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose parse errors raise :class:`UserError` instead of printing a usage block
     and exiting: under :func:`run` they are one ``error:`` line like every other user error,
-    and a test calling ``main(argv)`` sees the exception."""
+    and a test calling ``main(argv)`` sees the exception. Its ``--help`` uses
+    :class:`HelpFormatter` unless told otherwise."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        # "argument --ckpt/--init: ..." names an option by its canonical name alone
+        message = re.sub(r"^argument (--[\w-]+)(/--[\w-]+)+:", r"argument \1:", message)
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+# -- the options every tool spells the same way -------------------------------------------
+# One name per thing across the tools and the training scripts (tests/test_cli_vocabulary.py
+# walks every parser): --ckpt for an input checkpoint, --out for what a command writes, and
+# one --lpips-vgg / --inception with the same values everywhere. Old names stay for one
+# release as deprecated aliases that say so on stderr.
+
+DEPRECATED_UNTIL = "0.2"
+
+
+class _Store(argparse._StoreAction):
+    """``store`` that prints one deprecation line when a deprecated alias is used."""
+
+    def __init__(self, option_strings, dest, deprecated=(), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.deprecated = tuple(deprecated)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.deprecated:
+            print(f"warning: {option_string} is deprecated and goes in vitok_fast "
+                  f"{DEPRECATED_UNTIL}; use {self.option_strings[0]}", file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def add_option(parser, flag: str, *, deprecated: tuple[str, ...] = (), shared: str | None = None,
+               **kwargs) -> argparse.Action:
+    """``parser.add_argument(flag, *deprecated, ...)``: the deprecated aliases parse into the
+    same option and print one deprecation line; ``shared`` marks an option built here, which
+    the vocabulary test requires wherever that option appears."""
+    if deprecated:
+        kwargs["help"] = (f"{kwargs.get('help') or ''} ({', '.join(deprecated)}: the old "
+                          f"name, deprecated)").lstrip()
+    action = parser.add_argument(flag, *deprecated, action=_Store, deprecated=deprecated,
+                                 **kwargs)
+    action.shared = shared
+    return action
+
+
+CKPT_HELP = ("a ViTok: a folder written by save_pretrained, a training checkpoint "
+             "(step_XXXXXXXX/) or a training run folder (its latest checkpoint)")
+
+
+def add_ckpt(parser, help: str = CKPT_HELP, **kwargs) -> argparse.Action:
+    """``--ckpt``: the checkpoint a command reads."""
+    return add_option(parser, "--ckpt", metavar="CKPT", help=help, **kwargs)
+
+
+def add_out(parser, help: str, *, type=None, **kwargs) -> argparse.Action:
+    """``--out``: what a command writes (a file or a folder, as ``type`` checks)."""
+    return add_option(parser, "--out", metavar="OUT", type=type or output_dir, help=help,
+                      **kwargs)
+
+
+def add_lpips_vgg(parser) -> argparse.Action:
+    """``--lpips-vgg``: a file, or ``random`` (vitok_fast.perceptual.load_lpips reads both)."""
+    return add_option(parser, "--lpips-vgg", default=None, metavar="PATH", shared="lpips-vgg",
+                      help="VGG16 weights for LPIPS, vgg16-397923af.pth (default: torchvision's "
+                      "cache); 'random' = a random backbone, for smoke runs and tests only: "
+                      "its distances mean nothing")
+
+
+def add_inception(parser) -> argparse.Action:
+    """``--inception``: the FID / IS network's weights (vitok_fast.metrics.load_inception)."""
+    return add_option(parser, "--inception", default=None, metavar="PATH", shared="inception",
+                      help="Inception weights for FID and IS, torch-fidelity's "
+                      "weights-inception-2015-12-05-6726825d.pth (no default: nothing is "
+                      "downloaded)")
 
 
 @contextlib.contextmanager
@@ -276,3 +366,19 @@ def load_vitok(spec, tool: str, *, device="cpu", no_kernels: bool = False, resol
     if verbose:  # rank 0 of a sharded run
         print(f"{tool}: ViTok {model.config.name} from {where} at {said}", file=sys.stderr)
     return model, folder, size
+
+
+def add_device(parser, *, later: bool = False) -> argparse.Action:
+    """``--device``: cpu, cuda or cuda:N, checked as it is parsed. Its default is this machine's
+    choice, or None with ``later=True`` for a caller that chooses per rank (training)."""
+    return add_option(parser, "--device", type=device, metavar="DEVICE", shared="device",
+                      default=None if later else default_device(),
+                      help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+
+
+def add_no_kernels(parser) -> argparse.Action:
+    """``--no-kernels``: the plain-PyTorch reference ops instead of the fused Triton kernels."""
+    action = parser.add_argument("--no-kernels", action="store_true",
+                                 help="plain-PyTorch ops instead of the fused Triton kernels")
+    action.shared = "no-kernels"
+    return action

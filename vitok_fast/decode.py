@@ -82,22 +82,21 @@ def decode_latents(model, latents: str | Path, out: str | Path, *, batch_size: i
 
 
 def main(argv=None) -> int:
-    p = cli.ArgumentParser(prog="python -m vitok_fast.decode", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
+    p = cli.ArgumentParser(prog="python -m vitok_fast.decode", description=__doc__)
+    cli.add_ckpt(p, required=True)
     p.add_argument("--latents", required=True, type=cli.existing_dir,
                    help="directory written by vitok_fast.encode")
-    p.add_argument("--out", required=True, type=cli.output_dir, help="output directory")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32)
-    p.add_argument("--max-samples", type=cli.positive_int)
+    cli.add_out(p, "output directory for the images and videos", required=True)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="latents per forward pass")
+    p.add_argument("--max-samples", type=cli.positive_int, help="decode only the first N latents")
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the mean")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the --sample noise")
     p.add_argument("--fps", type=cli.positive_float, default=8.0,
                    help="frame rate of decoded videos")
     p.add_argument("--tile", type=cli.positive_int, help="decode in tiles of this many pixels")
     p.add_argument("--overlap", type=cli.nonnegative_int, help="tile overlap in pixels")
-    p.add_argument("--no-kernels", action="store_true")
-    p.add_argument("--device", type=cli.device, default=cli.default_device())
+    cli.add_no_kernels(p)
+    cli.add_device(p)
     args = p.parse_args(argv)
 
     from vitok_fast.latents import load_latents

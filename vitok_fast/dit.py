@@ -342,7 +342,7 @@ def find_latent_info(path: Path) -> dict:
 def decode_samples(vitok, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """ViTok latents -> pixels in [-1, 1], in batches."""
     if vitok is None:
-        raise UserError("decoding samples needs the ViTok that encoded the latents: pass --vitok")
+        raise UserError("decoding samples needs the ViTok that encoded the latents: pass --ckpt")
     z = z.to(next(vitok.parameters()).device)
     return torch.cat([vitok.decode(z[i:i + batch_size]).float().clamp(-1, 1).cpu()
                       for i in range(0, len(z), batch_size)])

@@ -29,7 +29,6 @@ the command line around them.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -44,20 +43,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(prog="python -m vitok_fast.encode", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
+    p = cli.ArgumentParser(prog="python -m vitok_fast.encode", description=__doc__)
+    cli.add_ckpt(p, required=True)
     p.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
-    p.add_argument("--out", required=True, type=cli.output_dir,
-                   help="output directory for shards and index.json")
+    cli.add_out(p, "output directory for shards and index.json", required=True)
     p.add_argument("--resolution", type=cli.positive_int,
                    help="centre-crop size (default: the checkpoint's training resolution, else "
                    "256 images, 128 videos)")
     p.add_argument("--frames", type=cli.positive_int,
                    help="frames per clip for video models (default: the checkpoint's, else 16)")
     p.add_argument("--shard-size", type=cli.positive_int, default=1024, help="items per shard")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32)
-    p.add_argument("--num-workers", type=cli.nonnegative_int, default=2)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="items per forward pass")
+    p.add_argument("--num-workers", type=cli.nonnegative_int, default=2,
+                   help="data-loader worker processes")
     p.add_argument("--max-samples", type=cli.positive_int, help="encode only the first N items of the data set")
     p.add_argument("--sample", action="store_true",
                    help="stats.json of posterior samples, not of the posterior mean")
@@ -65,8 +63,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="storage dtype")
     p.add_argument("--tile", type=cli.positive_int, help="encode in tiles of this many pixels")
     p.add_argument("--overlap", type=cli.nonnegative_int, help="tile overlap in pixels")
-    p.add_argument("--no-kernels", action="store_true")
-    p.add_argument("--device", type=cli.device, default=cli.default_device())
+    cli.add_no_kernels(p)
+    cli.add_device(p)
     args = p.parse_args(argv)
 
     from vitok_fast.data import make_dataset

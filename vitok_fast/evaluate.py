@@ -12,7 +12,6 @@ docs/evaluation.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -325,9 +324,8 @@ def format_table(results: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="directory written by ViTok.save_pretrained")
+    p = cli.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__)
+    cli.add_ckpt(p)
     p.add_argument("--data", help="any source vitok_fast.data.make_dataset reads")
     p.add_argument("--generated", help="instead of --ckpt/--data: gFID and gIS of the samples in "
                    "this folder (python -m vitok_fast.sample) against --ref-stats")
@@ -342,11 +340,12 @@ def parse_args(argv=None):
     p.add_argument("--metrics", help=f"comma-separated subset (images: {','.join(IMAGE_METRICS)}; "
                                      f"videos: {','.join(VIDEO_METRICS)}; --generated: "
                                      f"{','.join(GENERATION_METRICS)}); default all")
-    p.add_argument("--inception", help=f"FID Inception weights ({M.INCEPTION_FILE})")
+    cli.add_inception(p)
     p.add_argument("--i3d", help=f"FVD I3D weights ({M.I3D_FILE})")
-    p.add_argument("--lpips-vgg", help="VGG16 weights for LPIPS (vgg16-397923af.pth)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=16)
-    p.add_argument("--num-workers", type=cli.nonnegative_int, default=2)
+    cli.add_lpips_vgg(p)
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="items per forward pass")
+    p.add_argument("--num-workers", type=cli.nonnegative_int, default=2,
+                   help="data-loader worker processes")
     p.add_argument("--max-samples", type=cli.positive_int, help="evaluate only the first N items")
     p.add_argument("--sample", action="store_true", help="decode a posterior sample, not the mean")
     p.add_argument("--tile", type=cli.positive_int,
@@ -354,11 +353,11 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=cli.nonnegative_int,
                    help="tile overlap in pixels (default tile/4)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
-    p.add_argument("--no-kernels", action="store_true", help="plain PyTorch ops instead of Triton")
-    p.add_argument("--device", type=cli.device, default=cli.default_device())
-    p.add_argument("--out", type=cli.output_file,
-                   help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json; with "
-                   "--generated DIR: DIR/eval_generated.json)")
+    cli.add_no_kernels(p)
+    cli.add_device(p)
+    cli.add_out(p, type=cli.output_file,
+                help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json; with "
+                "--generated DIR: DIR/eval_generated.json)")
     return p.parse_args(argv)
 
 
@@ -438,6 +437,8 @@ def main(argv=None) -> dict:
             "fid": f"torch-fidelity Inception-v3 2048-d pool ({M.INCEPTION_FILE}), TF1 bilinear resize to 299",
             "fvd": f"I3D 400-d logits ({M.I3D_FILE}), TF1 bilinear resize to 224, [-1, 1]",
             "ssim": "Gaussian 11x11 sigma 1.5, per channel, per image (per frame)",
+            "lpips": ("a RANDOM VGG backbone (--lpips-vgg random): not comparable"
+                      if args.lpips_vgg == "random" else "VGG16 ImageNet weights, lpips' linear heads"),
         },
     }
     if rank == 0:

@@ -30,37 +30,37 @@ vitok_fast/latents.py; this module is the command line around it.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+from vitok_fast import cli
+
 # The statistics live in vitok_fast/latents.py with the shard format; re-exported here.
 from vitok_fast.latents import (STATS_FILE, Moments, compute_stats, merge_all,  # noqa: F401
                                 stats_dict, stats_latents, write_stats)
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m vitok_fast.latent_stats", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
+    p = cli.ArgumentParser(prog="python -m vitok_fast.latent_stats", description=__doc__)
+    cli.add_ckpt(p, required=True)
     p.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
-    p.add_argument("--out", default=STATS_FILE, help=f"JSON file to write (default {STATS_FILE})")
+    cli.add_out(p, "JSON file to write", type=cli.output_file, default=STATS_FILE)
     p.add_argument("--resolution", type=int, help="centre-crop size (default: the checkpoint's "
                    "training resolution, else 256 images, 128 videos)")
     p.add_argument("--frames", type=int, help="frames per clip for video models (default: the "
                    "checkpoint's, else 16)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32, help="items per forward pass")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
     p.add_argument("--max-samples", type=int, help="only the first N items of the data set")
     p.add_argument("--sample", action="store_true",
                    help="statistics of posterior samples, not of the posterior mean")
     p.add_argument("--seed", type=int, default=0, help="seed of the --sample noise")
     p.add_argument("--tile", type=int, help="encode in tiles of this many pixels")
     p.add_argument("--overlap", type=int, help="tile overlap in pixels")
-    p.add_argument("--no-kernels", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_no_kernels(p)
+    cli.add_device(p)
     args = p.parse_args(argv)
     for name in ("batch_size", "max_samples", "resolution", "frames"):
         value = getattr(args, name)
@@ -109,6 +109,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from vitok_fast import cli
-
     cli.run(main)

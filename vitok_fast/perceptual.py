@@ -30,6 +30,9 @@ def default_vgg16_path() -> Path:
 TRAIN_WITHOUT = "or train without LPIPS with --lpips-weight 0"
 
 
+RANDOM = "random"  # --lpips-vgg random: a random backbone
+
+
 def find_vgg16(vgg_path: str | os.PathLike | None = None, without: str = TRAIN_WITHOUT) -> Path:
     """The VGG16 weights to use, or a FileNotFoundError that says how to get them, or
     (``without``) how to do without them."""
@@ -48,7 +51,8 @@ def load_lpips(vgg_path: str | os.PathLike | None = None, pretrained_backbone: b
                device="cpu", without: str = TRAIN_WITHOUT) -> torch.nn.Module:
     """The lpips package's LPIPS(net='vgg'), frozen and in eval mode.
 
-    ``pretrained_backbone=False`` keeps a random VGG backbone (for tests; no file needed).
+    ``pretrained_backbone=False``, or ``vgg_path="random"`` (what ``--lpips-vgg random`` gives
+    every tool), keeps a random VGG backbone (for tests; no file needed).
     Inputs are images in [-1, 1]; the call returns one distance per image, ``(B, 1, 1, 1)``.
     """
     import lpips
@@ -56,7 +60,7 @@ def load_lpips(vgg_path: str | os.PathLike | None = None, pretrained_backbone: b
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    if pretrained_backbone:
+    if pretrained_backbone and vgg_path != RANDOM:
         path = find_vgg16(vgg_path, without)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

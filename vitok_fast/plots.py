@@ -11,21 +11,27 @@ The sweep plot is the paper's Figure 2 (metric vs bottleneck size E) from the JS
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from vitok_fast import cli
 
-from vitok_fast import cli  # noqa: E402
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (never a window), imported when a plot is
+    drawn rather than with the module, so that ``--help`` does not pay for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 SWEEP_METRICS = ("rfid", "rfvd", "psnr", "ssim", "lpips")
 _LOWER_IS_BETTER = {"rfid", "rfvd", "lpips"}
@@ -43,7 +49,7 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
     real, fake = quantize(originals.cpu()), quantize(reconstructions.cpu())
     scores = psnr(real, fake)
     B = real.shape[0]
-    fig, axes = plt.subplots(B, 2, figsize=(6, 3 * B), squeeze=False)
+    fig, axes = _pyplot().subplots(B, 2, figsize=(6, 3 * B), squeeze=False)
     for i in range(B):
         for j, (img, title) in enumerate(((real[i], titles[0]), (fake[i], titles[1]))):
             ax = axes[i, j]
@@ -72,7 +78,7 @@ def bottleneck_sweep(json_paths, path, metrics=None) -> Path:
     metrics = [m for m in (metrics or SWEEP_METRICS) if any(m in r for r in runs)]
     if not metrics:
         raise ValueError(f"none of the JSONs holds any of the metrics {list(SWEEP_METRICS)}")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
     groups = defaultdict(list)
     for r in runs:
         groups[f"{r.get('model', '?')} {r.get('resolution', '?')}p"].append(r)
@@ -135,7 +141,7 @@ def training_curves(log_path, path, keys=None) -> Path:
         raise ValueError(f"none of the keys {keys} is in {log_path}; it has {sorted(series)}")
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         steps, values = series[key]
         ax.plot(steps, values, lw=1)
@@ -154,30 +160,30 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
 def main(argv=None) -> Path:
-    p = cli.ArgumentParser(prog="python -m vitok_fast.plots", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.plots", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grid", help="inputs next to reconstructions")
-    g.add_argument("--ckpt", required=True)
-    g.add_argument("--data", required=True)
+    cli.add_ckpt(g, required=True)
+    g.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
     g.add_argument("--resolution", type=cli.positive_int,
                    help="centre-crop size (default: the checkpoint's training resolution, else 256)")
     g.add_argument("--n", type=cli.positive_int, default=4, help="number of images")
-    g.add_argument("--no-kernels", action="store_true")
-    g.add_argument("--device", type=cli.device, default=cli.default_device())
+    cli.add_no_kernels(g)
+    cli.add_device(g)
     s = sub.add_parser("sweep", help="metric vs bottleneck size E")
-    s.add_argument("jsons", nargs="+", type=cli.existing_file)
+    s.add_argument("jsons", nargs="+", type=cli.existing_file,
+                   help="result files of python -m vitok_fast.evaluate")
     s.add_argument("--metrics", help="comma-separated, default all present")
     c = sub.add_parser("curves", help="training curves from a run's log")
-    c.add_argument("log", type=cli.existing_file)
+    c.add_argument("log", type=cli.existing_file, help="a run's metrics.jsonl (or a CSV log)")
     c.add_argument("--keys", help="comma-separated, default all numeric columns")
     for q in (g, s, c):
-        q.add_argument("--out", required=True, type=cli.output_file, help="PNG file to write")
+        cli.add_out(q, "PNG file to write", type=cli.output_file, required=True)
     args = p.parse_args(argv)
 
     if args.command == "sweep":

@@ -19,7 +19,6 @@ Reading and writing the files and fitting pixels to the model are vitok_fast/med
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -121,11 +120,10 @@ def expand_inputs(inputs) -> dict[Path, str]:
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(prog="python -m vitok_fast.reconstruct", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.reconstruct", description=__doc__)
     p.add_argument("inputs", nargs="+", help="image or video files, or folders of them")
-    p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
-    p.add_argument("--out", required=True, type=cli.output_dir, help="output directory")
+    cli.add_ckpt(p, required=True)
+    cli.add_out(p, "output directory for the reconstructions and psnr.json", required=True)
     p.add_argument("--resolution", type=cli.positive_int,
                    help="resize shorter side and centre-crop to R x R (default: the checkpoint's "
                    "training resolution; a model folder without one keeps each input's size)")
@@ -137,8 +135,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tile", type=cli.positive_int, help="tile size in pixels for big inputs")
     p.add_argument("--overlap", type=cli.nonnegative_int,
                    help="tile overlap in pixels (default tile/4)")
-    p.add_argument("--no-kernels", action="store_true", help="plain PyTorch ops instead of Triton")
-    p.add_argument("--device", type=cli.device, default=cli.default_device())
+    cli.add_no_kernels(p)
+    cli.add_device(p)
     args = p.parse_args(argv)
 
     if args.native and args.resolution:

@@ -70,12 +70,11 @@ def run_path(text, run_dir: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(prog="python -m vitok_fast.sample", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m vitok_fast.sample", description=__doc__)
     p.add_argument("--dit", required=True, type=cli.existing_dir,
                    help="train/dit.py run, checkpoint or ema folder")
-    p.add_argument("--vitok", type=cli.existing_dir,
-                   help="the ViTok that encoded the latents (default: the run's)")
+    cli.add_ckpt(p, dest="vitok", deprecated=("--vitok",), type=cli.existing_dir,
+                 help="the ViTok that encoded the latents (default: the one the DiT run names)")
     p.add_argument("--classes", default="0",
                    help="comma-separated class names (as in the run's latents.json) or indices")
     p.add_argument("--per-class", type=cli.positive_int, default=1, help="samples per class")
@@ -83,11 +82,13 @@ def main(argv=None) -> dict:
                    help="guidance scale, 1 = none [paper: 1.5]")
     p.add_argument("--steps", type=steps_type, default=250,
                    help=f"DDIM steps, 1 to {TRAIN_STEPS} [paper: 250]")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
-    p.add_argument("--batch-size", type=cli.positive_int, default=64)
-    p.add_argument("--out", required=True, type=cli.output_dir, help="output directory")
-    p.add_argument("--no-kernels", action="store_true")
-    p.add_argument("--device", type=cli.device, default=cli.default_device())
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the sampling noise")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64,
+                   help="samples per forward pass")
+    cli.add_out(p, "output directory for the images, grid.png, sample.json and samples.npz",
+                required=True)
+    cli.add_no_kernels(p)
+    cli.add_device(p)
     args = p.parse_args(argv)
 
     from vitok_fast.checkpoint import resolve_ckpt
@@ -107,10 +108,10 @@ def main(argv=None) -> dict:
     classes = parse_classes(args.classes, names, num_classes)
     vitok_path = args.vitok or (run_path(info["vitok"], run_dir) if info.get("vitok") else None)
     if not vitok_path:
-        raise UserError("pass --vitok: the run does not record which ViTok encoded its latents")
+        raise UserError("pass --ckpt (the ViTok): the run does not record which ViTok encoded its latents")
     if not Path(vitok_path).is_dir():
         raise UserError(f"the run's latents.json names the ViTok {info['vitok']}, which is not a "
-                        f"directory from here; pass --vitok")
+                        f"directory from here; pass --ckpt")
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
 
     dit = DiT.from_pretrained(dit_dir, device=args.device, **overrides).eval()

@@ -2,7 +2,7 @@
 
     python -m vitok_fast.selftest                  # the current device (CUDA if present), real shapes
     python -m vitok_fast.selftest --quick          # tiny shapes: what a CPU runs under Triton's interpreter
-    python -m vitok_fast.selftest --device cuda:1 --json selftest.json
+    python -m vitok_fast.selftest --device cuda:1 --out selftest.json
 
 It prints the environment (torch, Triton, CUDA, the GPU and its compute capability, which
 optional backends import), then runs, on the chosen device, and prints ok / FAIL / skip with
@@ -25,13 +25,12 @@ the error and its bound for each:
 A number next to a check is the error at the element closest to its bound and that bound,
 both relative to the largest reference magnitude of the tensor: ``ok`` means no element
 exceeds its bound. The exit status is 1 if any check fails, 2 on a usage error.
-``--json PATH`` writes ``{"device", "versions", "checks": [{"name", "ok", "max_rel_err",
+``--out PATH`` writes ``{"device", "versions", "checks": [{"name", "ok", "max_rel_err",
 "bound", "ms", "ms_eager"}]}`` (``ok`` is null for a skipped check).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from vitok_fast import cli
 from vitok_fast.cli import UserError, run
 from vitok_fast.interpret import interpret_without_cuda
 
@@ -642,15 +642,13 @@ def environment(dev: torch.device) -> dict:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vitok_fast.selftest",
-                                 description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=None,
-                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    ap = cli.ArgumentParser(prog="python -m vitok_fast.selftest",
+                            description=__doc__.split("\n\n")[0])
+    cli.add_device(ap, later=True)
     ap.add_argument("--quick", action="store_true",
                     help="tiny shapes (what a CPU runs under Triton's interpreter in about a minute)")
-    ap.add_argument("--json", metavar="PATH", type=Path, default=None,
-                    help="also write the results as JSON to PATH")
+    cli.add_out(ap, "also write the results as JSON to this file", type=Path, dest="json",
+                deprecated=("--json",))
     return ap.parse_args(argv)
 
 
@@ -680,9 +678,9 @@ def _check_json_path(path: Path | None):
     if path is None:
         return
     if path.is_dir():
-        raise UserError(f"--json: expected a file path, given the directory {path}")
+        raise UserError(f"--out: expected a file path, given the directory {path}")
     if not path.parent.is_dir():
-        raise UserError(f"--json: the directory {path.parent} does not exist; create it first")
+        raise UserError(f"--out: the directory {path.parent} does not exist; create it first")
 
 
 def _needs_interpreter_restart(dev) -> bool:

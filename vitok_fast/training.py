@@ -46,7 +46,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="crop size (default: the paper's 256 for image models, 128 for video models)")
     g.add_argument("--frames", type=cli.positive_int, default=None,
                    help="frames per clip (default: 1 for image models, 16 for video models)")
-    g.add_argument("--frame-stride", type=cli.positive_int, default=1)
+    g.add_argument("--frame-stride", type=cli.positive_int, default=1,
+                   help="take every k-th frame of a video when cutting clips")
     g.add_argument("--data", default=None, help="folder, video file, 'shards/{000..099}.tar', "
                    "'embedded' (the 15 photos shipped with scikit-image) or 'embedded-video'; "
                    "required unless --smoke (which uses embedded / embedded-video)")
@@ -57,44 +58,44 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="data-loader workers per rank")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch-size", type=cli.positive_int, default=None,
-                   help="images (or clips) per optimizer step over all ranks")
+                   help="images (or clips) per optimizer step over all ranks (default: the "
+                   "paper's 1024 images / 256 clips in stage 1, 256 / 128 in stage 2)")
     g.add_argument("--micro-batch-size", type=cli.positive_int, default=32,
                    help="per rank and forward pass; the rest is gradient accumulation")
-    g.add_argument("--max-steps", type=cli.positive_int, default=100_000)
+    g.add_argument("--max-steps", type=cli.positive_int, default=100_000,
+                   help="optimizer steps of the whole run")
     g.add_argument("--lr", type=cli.positive_float, default=None,
                    help="peak lr (default: 1e-4 * global batch * frames / 256)")
-    g.add_argument("--min-lr", type=cli.nonnegative_float, default=1e-5)
-    g.add_argument("--warmup-frac", type=cli.fraction, default=0.03)
-    g.add_argument("--weight-decay", type=cli.nonnegative_float, default=1e-4)
-    g.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
+    g.add_argument("--min-lr", type=cli.nonnegative_float, default=1e-5,
+                   help="lr at the end of the cosine decay")
+    g.add_argument("--warmup-frac", type=cli.fraction, default=0.03,
+                   help="fraction of --max-steps with a linear lr warm-up")
+    g.add_argument("--weight-decay", type=cli.nonnegative_float, default=1e-4,
+                   help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=cli.positive_float, default=1.0,
+                   help="clip the gradient's global norm to this")
     g.add_argument("--lpips-weight", type=cli.nonnegative_float, default=1.0, help="eta [paper: 1.0]")
-    g.add_argument("--lpips-vgg", default=None, help="VGG16 weights for LPIPS "
-                   "(default: torchvision's cache); 'random' = random backbone, smoke/tests only")
+    cli.add_lpips_vgg(g)
     g.add_argument("--max-nonfinite", type=cli.positive_int, default=10,
                    help="stop after this many non-finite steps in a row")
-    g.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    g.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                   help="seed of the weights, the data order and the noise")
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--activation-checkpointing", action="store_true")
-    g.add_argument("--no-kernels", action="store_true", help="plain-PyTorch ops instead of the "
-                   "fused Triton kernels")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute block activations in backward: less memory, more compute")
+    cli.add_no_kernels(g)
     g.add_argument("--attention-backend", choices=attention.BACKENDS, default=attention.DEFAULT_BACKEND,
                    help="attention kernel (docs/attention.md): 'sdpa' = PyTorch's choice; 'auto' "
                    "checks and times the CUDA kernels once per shape, the same choice on every rank")
-    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-    g.add_argument("--device", type=cli.device, default=None,
-                   help="cuda or cpu (default: cuda if available)")
-    g = p.add_argument_group("run")
-    g.add_argument("--out-dir", type=cli.output_dir, default=None,
-                   help="run directory (default: runs/<stage>-<model>)")
-    g.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in --out-dir if "
-                   "any), a checkpoint directory, or '' to start fresh")
-    g.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
-    g.add_argument("--save-every", type=cli.positive_int, default=2000)
-    g.add_argument("--eval-every", type=cli.positive_int, default=1000)
-    g.add_argument("--log-every", type=cli.positive_int, default=10)
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="data parallel: DDP (a full model per GPU) or FSDP (sharded)")
+    cli.add_device(g, later=True)
+    g = add_run_args(p, "<stage>-<model>", save_every=2000)
+    g.add_argument("--eval-every", type=cli.positive_int, default=1000,
+                   help="steps between held-out PSNR and sample grids")
     g.add_argument("--val-images", type=cli.positive_int, default=8,
                    help="held-out samples per evaluation (--val-data '' for none)")
     g.add_argument("--bench-out", type=cli.output_file, default=None,
@@ -102,6 +103,22 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoke", action="store_true",
                    help="a CPU-sized run: T-T/8 at 32px, batch 8, 30 steps, embedded data, "
                    "random LPIPS backbone unless --lpips-vgg is given")
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str, save_every: int):
+    """The "run" group of every training script (both stages and train/dit.py): where the run
+    lives, how it resumes, how often it saves and logs. Returns the group for more."""
+    g = p.add_argument_group("run")
+    cli.add_out(g, f"run directory (default: runs/{name})", dest="out_dir",
+                deprecated=("--out-dir",))
+    g.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in --out if "
+                   "any), a checkpoint directory, or '' to start fresh")
+    g.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
+    g.add_argument("--save-every", type=cli.positive_int, default=save_every,
+                   help="steps between checkpoints")
+    g.add_argument("--log-every", type=cli.positive_int, default=10,
+                   help="steps between log lines")
+    return g
 
 
 # [ours] The paper's lr rule gives 3e-6 at batch 8, far too low for a model this small.
@@ -171,7 +188,7 @@ def check_resume_model(checkpoint: Path, config: ViTokConfig, asked: str) -> Non
             f"cannot resume from {checkpoint}: it holds {saved.name} with {saved.channels} "
             f"channels, this run asks for {config.name} with {config.channels} ({asked}); "
             f"differing config fields: {'; '.join(changed)}. Use the run's own settings, "
-            f"another --out-dir, or --resume '' to start fresh in this one")
+            f"another --out, or --resume '' to start fresh in this one")
 
 
 def restore_run_state(state: dict, args, guard: "NonFiniteGuard", rank: int, main_rank: bool) -> int:
@@ -205,8 +222,6 @@ def build_lpips(args, device):
         return None
     from vitok_fast.perceptual import load_lpips
 
-    if args.lpips_vgg == "random":
-        return load_lpips(pretrained_backbone=False, device=device)
     return load_lpips(args.lpips_vgg, device=device)
 
 
