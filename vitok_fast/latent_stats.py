@@ -82,7 +82,6 @@ def main(argv=None) -> dict:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    from vitok_fast import cli
 
     model, folder, size = cli.load_vitok(args.ckpt, "latent_stats", device=device,
                                          no_kernels=args.no_kernels, resolution=args.resolution,
