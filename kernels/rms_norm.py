@@ -143,7 +143,7 @@ def _backward(dy, x, weight, rstd, dsum):
 
 @torch.library.custom_op("vitok::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    check_device(x, weight)
+    _check(x, weight)
     y, _, rstd = _forward(x, None, weight, eps)
     return y, rstd
 
@@ -151,7 +151,7 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
 @torch.library.custom_op("vitok::add_rms_norm", mutates_args=())
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_device(x, residual, weight)
+    _check(x, weight, residual)
     return _forward(x, residual, weight, eps)
 
 

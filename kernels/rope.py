@@ -136,12 +136,14 @@ def _rotate(q, k, cos, sin):
 
 @torch.library.custom_op("vitok::rope_3d", mutates_args=())
 def _rope_3d_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    _check(x, cos, sin, "x")
     return _rotate(x, None, cos, sin)[0]
 
 
 @torch.library.custom_op("vitok::rope_3d_qk", mutates_args=())
 def _rope_3d_qk_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_qk(q, k, cos, sin)
     return _rotate(q, k, cos, sin)
 
 
@@ -186,6 +188,13 @@ def _check(x, cos, sin, name):
             raise ValueError(f"rope_3d expects fp32 {tname} tables (rope_cos_sin), got {t.dtype}")
 
 
+def _check_qk(q, k, cos, sin):
+    _check(q, cos, sin, "q")
+    if k.shape != q.shape or k.dtype != q.dtype:
+        raise ValueError(f"rope_3d_qk expects q and k of one shape and dtype, got "
+                         f"{tuple(q.shape)} {q.dtype} and {tuple(k.shape)} {k.dtype}")
+
+
 def rope_3d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Fused 3D RoPE on ``x (..., N, D)`` with fp32 ``cos, sin (N, D/2)``; any strides."""
     check_device(x, cos, sin)
@@ -196,8 +205,5 @@ def rope_3d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def rope_3d_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q and k (same shape ``(B, H, N, D)``, any strides) in one launch."""
     check_device(q, k, cos, sin)
-    _check(q, cos, sin, "q")
-    if k.shape != q.shape or k.dtype != q.dtype:
-        raise ValueError(f"rope_3d_qk expects q and k of one shape and dtype, got "
-                         f"{tuple(q.shape)} {q.dtype} and {tuple(k.shape)} {k.dtype}")
+    _check_qk(q, k, cos, sin)
     return torch.ops.vitok.rope_3d_qk(q, k, cos, sin)

@@ -91,7 +91,7 @@ def _bwd(dy2, g2, u2, dg2, du2):
 
 @torch.library.custom_op("vitok::swiglu", mutates_args=())
 def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    check_device(gate, up)
+    _check(gate, up)
     return _fwd(as_rows(gate), as_rows(up)).view(gate.shape)
 
 
@@ -107,7 +107,7 @@ def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor,
 
 @torch.library.custom_op("vitok::swiglu_packed", mutates_args=())
 def _swiglu_packed_op(gate_up: torch.Tensor) -> torch.Tensor:
-    check_device(gate_up)
+    _check_packed(gate_up)
     gu = as_rows(gate_up)
     H = gu.shape[1] // 2
     return _fwd(gu[:, :H], gu[:, H:]).view(*gate_up.shape[:-1], H)
@@ -154,19 +154,27 @@ _swiglu_packed_op.register_autograd(
     setup_context=_save_inputs)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Fused ``silu(gate) * up`` for any leading shape; gate and up may be strided views."""
+def _check(gate, up):
     check_device(gate, up)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu expects gate and up of one shape and dtype, got "
                          f"{tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
+
+
+def _check_packed(gate_up):
+    check_device(gate_up)
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu_packed expects an even last dim (gate and up halves), "
+                         f"got shape {tuple(gate_up.shape)}")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused ``silu(gate) * up`` for any leading shape; gate and up may be strided views."""
+    _check(gate, up)
     return torch.ops.vitok.swiglu(gate, up)
 
 
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     """Fused SwiGLU on the packed ``(..., 2h)`` ``w13`` output -> ``(..., h)``."""
-    check_device(gate_up)
-    if gate_up.shape[-1] % 2:
-        raise ValueError(f"swiglu_packed expects an even last dim (gate and up halves), "
-                         f"got shape {tuple(gate_up.shape)}")
+    _check_packed(gate_up)
     return torch.ops.vitok.swiglu_packed(gate_up)

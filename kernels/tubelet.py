@@ -262,6 +262,8 @@ def _tokens(video_shape, q: int, p: int) -> int:
 def _embed_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: int,
               p: int) -> torch.Tensor:
     check_device(x, weight)
+    _check_embed(x, weight, bias, q, p)
+    _check_dtypes("tubelet_embed", x, weight, bias)
     video = _as_video(x)
     d, K = weight.shape
     M = _tokens(video.shape, q, p)
@@ -298,6 +300,8 @@ def _embed_dweight_op(dy: torch.Tensor, x: torch.Tensor, q: int, p: int) -> torc
 def _unembed_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: int, p: int,
                 T: int, H: int, W: int) -> torch.Tensor:
     check_device(h, weight)
+    _check_unembed(h, weight, bias, q, p, T, H, W)
+    _check_dtypes("tubelet_unembed", h, weight, bias)
     K, d = weight.shape
     h2 = h.reshape(-1, d)
     out = torch.empty((h.shape[0], K // (q * p * p), T, H, W), dtype=h.dtype, device=h.device)
@@ -437,10 +441,7 @@ def tubelet_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.vitok.tubelet_embed(x, weight, bias, q, p)
 
 
-def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    q: int, p: int, T: int, H: int, W: int) -> torch.Tensor:
-    """Fused ``unpatchify(h @ weight.T + bias)`` -> ``(B, C, T, H, W)``, written in place."""
-    check_device(h, weight)
+def _check_unembed(h, weight, bias, q, p, T, H, W):
     K = weight.shape[0]
     tokens = (T // q) * (H // p) * (W // p)
     if T % q or H % p or W % p or K % (q * p * p) or tokens == 0:
@@ -452,6 +453,13 @@ def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                          f"(T, H, W) = {(T, H, W)}, got {tuple(h.shape)}")
     if bias is not None and tuple(bias.shape) != (K,):
         raise ValueError(f"tubelet_unembed expects bias ({K},), got {tuple(bias.shape)}")
+
+
+def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    q: int, p: int, T: int, H: int, W: int) -> torch.Tensor:
+    """Fused ``unpatchify(h @ weight.T + bias)`` -> ``(B, C, T, H, W)``, written in place."""
+    check_device(h, weight)
+    _check_unembed(h, weight, bias, q, p, T, H, W)
     h, weight, bias = autocast_inputs(h, weight, bias)
     _check_dtypes("tubelet_unembed", h, weight, bias)
     return torch.ops.vitok.tubelet_unembed(h, weight, bias, q, p, T, H, W)
