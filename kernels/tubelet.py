@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.flop_counter import register_flop_formula
 
 from ._triton import tl, triton
 from .utils import _sm_count, autocast_inputs, check_device, interpreted
@@ -406,6 +407,41 @@ def _unembed_grad(ctx, dpix):
 
 _embed_op.register_autograd(_embed_grad, setup_context=_save_embed)
 _unembed_op.register_autograd(_unembed_grad, setup_context=_save_unembed)
+
+
+# FLOP formulas (2 x MACs, torch's convention), so FlopCounterMode counts the fused path as
+# it counts the reference path's F.linear (addmm) and its backward matmuls: every product
+# is (tokens M) x (patch dim K) x (width d), whatever the layout of its operands.
+def _gemm_flops(tokens_shape, weight_shape) -> int:
+    tokens = 1
+    for s in tokens_shape:
+        tokens *= s
+    return 2 * tokens * weight_shape[0] * weight_shape[1]
+
+
+@register_flop_formula(torch.ops.vitok.tubelet_embed)
+def _(x_shape, w_shape, *args, out_shape, **kwargs) -> int:
+    return _gemm_flops(out_shape[:-1], w_shape)
+
+
+@register_flop_formula([torch.ops.vitok.tubelet_embed_dx, torch.ops.vitok.tubelet_unembed])
+def _(tokens_shape, w_shape, *args, **kwargs) -> int:  # dy (B, N, d) or h (B, N, d)
+    return _gemm_flops(tokens_shape[:-1], w_shape)
+
+
+@register_flop_formula(torch.ops.vitok.tubelet_embed_dweight)
+def _(dy_shape, x_shape, *args, out_shape, **kwargs) -> int:  # dW (d, K)
+    return _gemm_flops(dy_shape[:-1], out_shape)
+
+
+@register_flop_formula(torch.ops.vitok.tubelet_unembed_dh)
+def _(dpix_shape, w_shape, *args, out_shape, **kwargs) -> int:  # dh (B, N, d)
+    return _gemm_flops(out_shape[:-1], w_shape)
+
+
+@register_flop_formula(torch.ops.vitok.tubelet_unembed_dweight)
+def _(dpix_shape, h_shape, *args, out_shape, **kwargs) -> int:
+    return _gemm_flops(h_shape[:-1], out_shape)
 
 
 def _check_dtypes(name, x, weight, bias):

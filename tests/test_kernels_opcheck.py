@@ -117,3 +117,4 @@ def test_every_vitok_op_is_opchecked():
     ops = {name for name in dir(torch.ops.vitok) if not name.startswith("_")} - {"name"}
     unchecked = sorted(op for op in ops if f"torch.ops.vitok.{op}.default" not in source)
     assert len(ops) == 15 and not unchecked, (sorted(ops), unchecked)
+
