@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", type=cli.device, default=cli.default_device())
     args = p.parse_args(argv)
 
-    from vitok_fast.evaluate import resolve_ckpt
+    from vitok_fast.checkpoint import resolve_ckpt
     from vitok_fast.model import ViTok
     from vitok_fast import serving
 
