@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from vitok_fast.model import ViTok
-from _kernel_bounds import one_thread  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(device, use_kernels=True):

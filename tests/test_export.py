@@ -11,9 +11,8 @@ import torch
 
 from vitok_fast import cli, serving
 from vitok_fast.model import ViTok
-from _kernel_bounds import one_thread  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(name, use_kernels, device="cpu"):

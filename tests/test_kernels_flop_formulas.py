@@ -6,9 +6,7 @@ import os
 import pytest
 import torch
 
-from _kernel_bounds import one_thread  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name,shape", [("T-T/8", (1, 3, 16, 24)), ("T-T/2x8", (1, 3, 4, 16, 16))])

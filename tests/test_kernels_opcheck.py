@@ -18,9 +18,8 @@ import torch
 
 from vitok_fast import kernels as K
 from vitok_fast.config import ViTokConfig
-from _kernel_bounds import one_thread  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
