@@ -49,13 +49,18 @@ def _opcheck(op, *args):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+def every_case(test):
+    """Parametrise over device, model shape and dtype."""
+    for name, values in (("dtype", DTYPES), ("shape", list(SHAPES)), ("device", DEVICES)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
 def _t(*shape, dtype, device, grad=False, scale=1.0):
     return (scale * torch.randn(*shape, device=device)).to(dtype).requires_grad_(grad)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("device", DEVICES)
+@every_case
 def test_norm_swiglu_rope_ops_pass_opcheck(shape, dtype, device):
     dev = _where(device)
     d, heads, hidden, q, p, (B, T, H, W) = SHAPES[shape]
@@ -83,9 +88,7 @@ def test_norm_swiglu_rope_ops_pass_opcheck(shape, dtype, device):
     _opcheck(torch.ops.vitok.rope_3d.default, qh, cos, sin)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("device", DEVICES)
+@every_case
 def test_tubelet_ops_pass_opcheck(shape, dtype, device):
     dev = _where(device)
     d, heads, _, q, p, (B, T, H, W) = SHAPES[shape]
