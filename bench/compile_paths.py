@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
             ViTokConfig.from_name(m)
             cli.check_sizes(ViTokConfig.from_name(m), resolution=args.resolution)
     torch.set_num_threads(args.threads)
+    commit = git_commit()  # the code this run imports, read before it runs
     load_before = os.getloadavg()
     started = time.time()
     device = torch.device(args.device)
@@ -130,7 +131,7 @@ def main(argv=None) -> dict:
                               f"{[round(v, 2) for v in os.getloadavg()]} after",
             "triton_interpret": os.environ.get("TRITON_INTERPRET"),
             "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "commit": git_commit(),
+            "python": platform.python_version(), "commit": commit,
             "wall_s": round(time.time() - started, 1)},
     }
     if args.json:

@@ -364,9 +364,10 @@ def _(dpix, h, q, p):
     return h.new_empty((q * p * p * dpix.shape[1], h.shape[-1]))
 
 
-def _save_embed(ctx, inputs, output):
-    x, weight, bias, q, p = inputs
-    ctx.save_for_backward(x, weight)
+def _save_tubelet(ctx, inputs, output):
+    """Both ops save their activation (pixels x, or tokens h) and the weight."""
+    activation, weight, bias, q, p = inputs[:5]
+    ctx.save_for_backward(activation, weight)
     ctx.meta = (q, p, bias is not None)
 
 
@@ -381,12 +382,6 @@ def _embed_grad(ctx, dy):
     if has_bias and ctx.needs_input_grad[2]:
         db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
     return dx, dw, db, None, None
-
-
-def _save_unembed(ctx, inputs, output):
-    h, weight, bias, q, p = inputs[:5]
-    ctx.save_for_backward(h, weight)
-    ctx.meta = (q, p, bias is not None)
 
 
 def _unembed_grad(ctx, dpix):
@@ -405,8 +400,8 @@ def _unembed_grad(ctx, dpix):
     return dh, dw, db, None, None, None, None, None
 
 
-_embed_op.register_autograd(_embed_grad, setup_context=_save_embed)
-_unembed_op.register_autograd(_unembed_grad, setup_context=_save_unembed)
+_embed_op.register_autograd(_embed_grad, setup_context=_save_tubelet)
+_unembed_op.register_autograd(_unembed_grad, setup_context=_save_tubelet)
 
 
 # FLOP formulas (2 x MACs, torch's convention), so FlopCounterMode counts the fused path as
