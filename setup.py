@@ -3,7 +3,11 @@ from setuptools import setup
 # The Triton kernels live in kernels/ but install as vitok_fast.kernels: a top-level
 # `kernels` module would clash with the PyPI package of that name. The training scripts of
 # train/ install as vitok_fast.train (still runnable by path from a clone).
-CORE = ["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "einops>=0.7",
+# torch 2.6: the fused ops are torch.library custom ops (custom_op, register_fake,
+# register_autograd, opcheck: 2.4), whose schemas are inferred from `Tensor | None` annotations
+# under `from __future__ import annotations` (2.5), and vitok_fast.export writes AOTInductor
+# packages with torch._inductor.aoti_compile_and_package (2.6).
+CORE = ["torch>=2.6", "triton>=3.0; platform_system == 'Linux'", "einops>=0.7",
         "safetensors>=0.4", "numpy>=1.24"]
 EXTRAS = {
     # Stage 1/2 training: LPIPS (VGG), logs and plots, video decoding, the embedded photos.

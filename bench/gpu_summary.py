@@ -26,9 +26,14 @@ def _read(path: Path):
 def steps_table(results: Path) -> list[str]:
     lines = ["| step | status | seconds | log or reason |", "|---|---|---:|---|"]
     tsv = results / "gpu_logs" / "steps.tsv"
+    for_time = []
     for row in tsv.read_text().splitlines() if tsv.exists() else []:
         name, status, secs, where = (row.split("\t") + ["", "", ""])[:4]
         lines.append(f"| {name} | {status} | {secs} | {where} |")
+        if status == "skipped" and "for time" in where:
+            for_time.append(name)
+    if for_time:
+        lines += ["", f"Skipped for time (GPU_SH_BUDGET spent): {', '.join(for_time)}."]
     return lines
 
 

@@ -1,7 +1,9 @@
 """Fused ops for ViTok, installed as ``vitok_fast.kernels``.
 
 One file per op (Liger-Kernel style), each holding its Triton forward and backward kernels,
-the ``torch.autograd.Function`` that ties them, the public entry point the kernel path
+their registration as ``torch.library`` custom ops in the ``vitok`` namespace (a fake
+implementation for torch.compile and torch.export, the backward registered with
+``register_autograd``; see docs/kernels.md, "Custom ops"), the public entry point the kernel path
 calls, and a plain-PyTorch reference (``*_ref``) that the model's ``use_kernels=False`` path
 calls and every test checks against. Kernels run on CUDA, or on CPU under TRITON_INTERPRET=1.
 Without Triton installed the package still imports: the references work, and a fused

@@ -135,46 +135,95 @@ def _backward(dy, x, weight, rstd, dsum):
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, _, rstd = _forward(x, None, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(dy, x, weight, rstd, None)
-        return dx, dw, None
+# -- the custom ops (torch.library): fake impls for compile/export, autograd registered ------
+#
+# vitok::rms_norm and vitok::add_rms_norm also return 1/rms per row (fp32), which the
+# backward op reads; the public functions below return only what the unfused maths does.
 
 
-class AddRMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        y, summed, rstd = _forward(x, residual, weight, eps)
-        ctx.save_for_backward(summed, weight, rstd)
-        ctx.dtypes = (x.dtype, residual.dtype)
-        return y, summed
+@torch.library.custom_op("vitok::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, weight)
+    y, _, rstd = _forward(x, None, weight, eps)
+    return y, rstd
 
-    @staticmethod
-    def backward(ctx, dy, dsum):
-        summed, weight, rstd = ctx.saved_tensors
-        # The backward kernel adds the stream's own gradient into d(summed), which is then
-        # the gradient of both x and residual.
-        d, dw = _backward(dy, summed, weight, rstd, dsum)
-        dx_dtype, dr_dtype = ctx.dtypes
-        return d.to(dx_dtype), d.to(dr_dtype), dw, None
+
+@torch.library.custom_op("vitok::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(x, weight, residual)
+    return _forward(x, residual, weight, eps)
+
+
+@torch.library.custom_op("vitok::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          rstd: torch.Tensor, dsum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    check_device(dy, x, weight)
+    return _backward(dy, x, weight, rstd, dsum)
+
+
+def _rows(x):
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty((_rows(x),), dtype=torch.float32)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
+            x.new_empty((_rows(x),), dtype=torch.float32))
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd, dsum):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.vitok.rms_norm_backward(dy, x, weight, rstd, None)
+    return dx, dw, None
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    x, residual, weight, _ = inputs
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.dtypes = (x.dtype, residual.dtype)
+
+
+def _add_rms_norm_grad(ctx, dy, dsum, _drstd):
+    summed, weight, rstd = ctx.saved_tensors
+    # The backward kernel adds the stream's own gradient into d(summed), which is then
+    # the gradient of both x and residual.
+    d, dw = torch.ops.vitok.rms_norm_backward(dy, summed, weight, rstd, dsum)
+    dx_dtype, dr_dtype = ctx.dtypes
+    return d.to(dx_dtype), d.to(dr_dtype), dw, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+_add_rms_norm_op.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Fused RMSNorm over the last dim of ``x`` (any leading shape), fp32 statistics."""
     _check(x, weight)
-    return RMSNormFunction.apply(x, weight, eps)
+    return torch.ops.vitok.rms_norm(x, weight, eps)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)`` in one pass over the residual stream."""
     _check(x, weight, residual)
-    return AddRMSNormFunction.apply(x, residual, weight, eps)
+    y, summed, _ = torch.ops.vitok.add_rms_norm(x, residual, weight, eps)
+    return y, summed

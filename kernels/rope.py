@@ -63,7 +63,7 @@ def rope_3d_qk_ref(q, k, cos, sin):
 
 
 @triton.jit
-def _rope_tile(X, Y, COS, SIN, r0, R, H, N, P, sxb, sxh, sxn, syb, syh, syn, sign,
+def _rope_tile(X, Y, COS, SIN, r0, R, H, N, P, sxb, sxh, sxn, syb, syh, syn,
                BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     # A tile is BLOCK_R rows of the flattened (b, h, n) index by all P pairs; each row's
     # address comes from its own (b, h, n), so any strides of the first three dims work.
@@ -79,20 +79,20 @@ def _rope_tile(X, Y, COS, SIN, r0, R, H, N, P, sxb, sxh, sxn, syb, syh, syn, sig
     x2 = tl.load(x_ptr + P, mask=mask, other=0.0).to(tl.float32)
     cs_off = n[:, None] * P + pairs[None, :]
     cos = tl.load(COS + cs_off, mask=mask, other=0.0)
-    sin = tl.load(SIN + cs_off, mask=mask, other=0.0) * sign
+    sin = tl.load(SIN + cs_off, mask=mask, other=0.0)
     tl.store(y_ptr, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
     tl.store(y_ptr + P, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_qk(Q, K, QO, KO, COS, SIN, R, H, N, P, sqb, sqh, sqn, skb, skh, skn, sob, soh, son,
-             sign, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+             BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     r0 = tl.program_id(0) * BLOCK_R
     if tl.program_id(1) == 0:
-        _rope_tile(Q, QO, COS, SIN, r0, R, H, N, P, sqb, sqh, sqn, sob, soh, son, sign,
+        _rope_tile(Q, QO, COS, SIN, r0, R, H, N, P, sqb, sqh, sqn, sob, soh, son,
                    BLOCK_R, BLOCK_P)
     else:
-        _rope_tile(K, KO, COS, SIN, r0, R, H, N, P, skb, skh, skn, sob, soh, son, sign,
+        _rope_tile(K, KO, COS, SIN, r0, R, H, N, P, skb, skh, skn, sob, soh, son,
                    BLOCK_R, BLOCK_P)
 
 
@@ -107,8 +107,9 @@ def _as_bhnd(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _rotate(q, k, cos, sin, sign):
+def _rotate(q, k, cos, sin):
     """Rotate q (and k, if given) in one launch; returns contiguous outputs of q's shape."""
+    check_device(*(t for t in (q, k, cos, sin) if t is not None))
     q4 = _as_bhnd(q)
     k4 = _as_bhnd(k) if k is not None else q4
     B, H, N, D = q4.shape
@@ -120,28 +121,58 @@ def _rotate(q, k, cos, sin, sign):
     cap = (1 << 16) if interpreted(q) else 2048
     block_r = triton.next_power_of_2(max(1, min(R, cap // block_p)))
     grid = (triton.cdiv(R, block_r), 2 if k is not None else 1)
+    cos, sin = cos.contiguous(), sin.contiguous()
     if R:
         _rope_qk[grid](q4, k4, qo, ko, cos, sin, R, H, N, P, *q4.stride()[:3], *k4.stride()[:3],
-                       *qo.stride()[:3], sign, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
+                       *qo.stride()[:3], BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
     return qo.view(q.shape), (ko.view(q.shape) if k is not None else None)
 
 
-class RoPE3DFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        ctx.has_k = k is not None
-        return _rotate(q, k, cos, sin, 1.0)
+# -- the custom ops (torch.library): fake impls for compile/export, autograd registered ------
+#
+# The backward is the inverse rotation: the same op with ``sin`` negated (a (N, D/2) table).
+# cos and sin are constants of the token grid and get no gradient.
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        if dq is None:
-            dq = torch.zeros_like(dk)
-        if ctx.has_k and dk is None:
-            dk = torch.zeros_like(dq)
-        dq, dk = _rotate(dq, dk if ctx.has_k else None, cos, sin, -1.0)
-        return dq, dk, None, None
+
+@torch.library.custom_op("vitok::rope_3d", mutates_args=())
+def _rope_3d_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    _check(x, cos, sin, "x")
+    return _rotate(x, None, cos, sin)[0]
+
+
+@torch.library.custom_op("vitok::rope_3d_qk", mutates_args=())
+def _rope_3d_qk_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_qk(q, k, cos, sin)
+    return _rotate(q, k, cos, sin)
+
+
+@_rope_3d_op.register_fake
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@_rope_3d_qk_op.register_fake
+def _(q, k, cos, sin):
+    return q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _save_tables(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[-2:])
+
+
+def _rope_3d_grad(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return torch.ops.vitok.rope_3d(dy, cos, -sin), None, None
+
+
+def _rope_3d_qk_grad(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    return (*torch.ops.vitok.rope_3d_qk(dq, dk, cos, -sin), None, None)
+
+
+_rope_3d_op.register_autograd(_rope_3d_grad, setup_context=_save_tables)
+_rope_3d_qk_op.register_autograd(_rope_3d_qk_grad, setup_context=_save_tables)
 
 
 def _check(x, cos, sin, name):
@@ -157,18 +188,22 @@ def _check(x, cos, sin, name):
             raise ValueError(f"rope_3d expects fp32 {tname} tables (rope_cos_sin), got {t.dtype}")
 
 
+def _check_qk(q, k, cos, sin):
+    _check(q, cos, sin, "q")
+    if k.shape != q.shape or k.dtype != q.dtype:
+        raise ValueError(f"rope_3d_qk expects q and k of one shape and dtype, got "
+                         f"{tuple(q.shape)} {q.dtype} and {tuple(k.shape)} {k.dtype}")
+
+
 def rope_3d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Fused 3D RoPE on ``x (..., N, D)`` with fp32 ``cos, sin (N, D/2)``; any strides."""
     check_device(x, cos, sin)
     _check(x, cos, sin, "x")
-    return RoPE3DFunction.apply(x, None, cos.contiguous(), sin.contiguous())[0]
+    return torch.ops.vitok.rope_3d(x, cos, sin)
 
 
 def rope_3d_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q and k (same shape ``(B, H, N, D)``, any strides) in one launch."""
     check_device(q, k, cos, sin)
-    _check(q, cos, sin, "q")
-    if k.shape != q.shape or k.dtype != q.dtype:
-        raise ValueError(f"rope_3d_qk expects q and k of one shape and dtype, got "
-                         f"{tuple(q.shape)} {q.dtype} and {tuple(k.shape)} {k.dtype}")
-    return RoPE3DFunction.apply(q, k, cos.contiguous(), sin.contiguous())
+    _check_qk(q, k, cos, sin)
+    return torch.ops.vitok.rope_3d_qk(q, k, cos, sin)

@@ -86,54 +86,95 @@ def _bwd(dy2, g2, u2, dg2, du2):
                           dg2.stride(0), du2.stride(0), BLOCK_M=bm, BLOCK_H=bh, num_warps=4)
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        g2, u2 = as_rows(gate), as_rows(up)
-        ctx.save_for_backward(g2, u2)
-        ctx.shape = gate.shape
-        return _fwd(g2, u2).view(gate.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        g2, u2 = ctx.saved_tensors
-        dg2, du2 = torch.empty_like(g2, memory_format=torch.contiguous_format), \
-            torch.empty_like(u2, memory_format=torch.contiguous_format)
-        _bwd(as_rows(dy), g2, u2, dg2, du2)
-        return dg2.view(ctx.shape), du2.view(ctx.shape)
+# -- the custom ops (torch.library): fake impls for compile/export, autograd registered ------
 
 
-class SwiGLUPackedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up):
-        gu = as_rows(gate_up)
-        H = gu.shape[1] // 2
-        ctx.save_for_backward(gu)
-        ctx.shape = gate_up.shape
-        return _fwd(gu[:, :H], gu[:, H:]).view(*gate_up.shape[:-1], H)
-
-    @staticmethod
-    def backward(ctx, dy):
-        (gu,) = ctx.saved_tensors
-        H = gu.shape[1] // 2
-        dgu = torch.empty(gu.shape, dtype=gu.dtype, device=gu.device)
-        _bwd(as_rows(dy), gu[:, :H], gu[:, H:], dgu[:, :H], dgu[:, H:])
-        return dgu.view(ctx.shape)
+@torch.library.custom_op("vitok::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    _check(gate, up)
+    return _fwd(as_rows(gate), as_rows(up)).view(gate.shape)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Fused ``silu(gate) * up`` for any leading shape; gate and up may be strided views."""
+@torch.library.custom_op("vitok::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor,
+                        up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_device(dy, gate, up)
+    g2, u2 = as_rows(gate), as_rows(up)
+    dg2, du2 = (torch.empty(g2.shape, dtype=g2.dtype, device=g2.device) for _ in range(2))
+    _bwd(as_rows(dy), g2, u2, dg2, du2)
+    return dg2.view(gate.shape), du2.view(gate.shape)
+
+
+@torch.library.custom_op("vitok::swiglu_packed", mutates_args=())
+def _swiglu_packed_op(gate_up: torch.Tensor) -> torch.Tensor:
+    _check_packed(gate_up)
+    gu = as_rows(gate_up)
+    H = gu.shape[1] // 2
+    return _fwd(gu[:, :H], gu[:, H:]).view(*gate_up.shape[:-1], H)
+
+
+@torch.library.custom_op("vitok::swiglu_packed_backward", mutates_args=())
+def _swiglu_packed_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    check_device(dy, gate_up)
+    gu = as_rows(gate_up)
+    H = gu.shape[1] // 2
+    dgu = torch.empty(gu.shape, dtype=gu.dtype, device=gu.device)
+    _bwd(as_rows(dy), gu[:, :H], gu[:, H:], dgu[:, :H], dgu[:, H:])
+    return dgu.view(gate_up.shape)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+@_swiglu_packed_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@_swiglu_packed_backward_op.register_fake
+def _(dy, gate_up):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # the backward recomputes sigmoid from the inputs
+
+
+_swiglu_op.register_autograd(
+    lambda ctx, dy: torch.ops.vitok.swiglu_backward(dy, *ctx.saved_tensors), setup_context=_save_inputs)
+_swiglu_packed_op.register_autograd(
+    lambda ctx, dy: torch.ops.vitok.swiglu_packed_backward(dy, *ctx.saved_tensors),
+    setup_context=_save_inputs)
+
+
+def _check(gate, up):
     check_device(gate, up)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu expects gate and up of one shape and dtype, got "
                          f"{tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
-    return SwiGLUFunction.apply(gate, up)
 
 
-def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
-    """Fused SwiGLU on the packed ``(..., 2h)`` ``w13`` output -> ``(..., h)``."""
+def _check_packed(gate_up):
     check_device(gate_up)
     if gate_up.shape[-1] % 2:
         raise ValueError(f"swiglu_packed expects an even last dim (gate and up halves), "
                          f"got shape {tuple(gate_up.shape)}")
-    return SwiGLUPackedFunction.apply(gate_up)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused ``silu(gate) * up`` for any leading shape; gate and up may be strided views."""
+    _check(gate, up)
+    return torch.ops.vitok.swiglu(gate, up)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """Fused SwiGLU on the packed ``(..., 2h)`` ``w13`` output -> ``(..., h)``."""
+    _check_packed(gate_up)
+    return torch.ops.vitok.swiglu_packed(gate_up)

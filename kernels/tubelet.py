@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.flop_counter import register_flop_formula
 
 from ._triton import tl, triton
 from .utils import _sm_count, autocast_inputs, check_device, interpreted
@@ -247,72 +248,195 @@ def _weight_grad(a: _Operand, b: _Operand, dw: torch.Tensor, M: int, N: int, K: 
     return torch.sum(partial, 0, out=dw) if dw.dtype == torch.float32 else dw.copy_(partial.sum(0))
 
 
-class TubeletEmbedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, q, p):
-        video = _as_video(x)
-        d, K = weight.shape
-        M = video.shape[0] * (video.shape[2] // q) * (video.shape[3] // p) * (video.shape[4] // p)
-        out = torch.empty((M, d), dtype=x.dtype, device=x.device)
-        # out (M, d) = patches (M, K) @ W^T (K, d) + b
-        _gemm(_pixels(video, q, p), _strided(weight, transpose=True), _strided(out), M, d, K, bias)
-        ctx.save_for_backward(video, weight)
-        ctx.meta = (x.shape, q, p, bias is not None)
-        return out.view(video.shape[0], M // video.shape[0], d)
-
-    @staticmethod
-    def backward(ctx, dy):
-        video, weight = ctx.saved_tensors
-        x_shape, q, p, has_bias = ctx.meta
-        d, K = weight.shape
-        dy2 = dy.reshape(-1, d)
-        M = dy2.shape[0]
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:  # d patches (M, K) = dy (M, d) @ W (d, K), into pixels
-            dx = torch.empty(video.shape, dtype=video.dtype, device=video.device)
-            _gemm(_strided(dy2), _strided(weight), _pixels(dx, q, p), M, K, d)
-            dx = dx.view(x_shape)
-        if ctx.needs_input_grad[1]:  # dW (d, K) = dy^T (d, M) @ patches (M, K)
-            dw = torch.empty_like(weight)
-            _weight_grad(_strided(dy2, transpose=True), _pixels(video, q, p), dw, d, K, M)
-        if has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0, dtype=torch.float32).to(weight.dtype)
-        return dx, dw, db, None, None
+def _tokens(video_shape, q: int, p: int) -> int:
+    B, _, T, H, W = video_shape
+    return B * (T // q) * (H // p) * (W // p)
 
 
-class TubeletUnembedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, bias, q, p, T, H, W):
-        K, d = weight.shape
-        h2 = h.reshape(-1, d)
-        M = h2.shape[0]
-        out = torch.empty((h.shape[0], K // (q * p * p), T, H, W), dtype=h.dtype, device=h.device)
-        # patches (M, K) = h (M, d) @ W^T (d, K) + b, written into pixels
-        _gemm(_strided(h2), _strided(weight, transpose=True), _pixels(out, q, p), M, K, d, bias)
-        ctx.save_for_backward(h2, weight)
-        ctx.meta = (h.shape, q, p, bias is not None)
-        return out
+# -- the custom ops (torch.library): fake impls for compile/export, autograd registered ------
+#
+# One op per product, so the backward computes only the gradients autograd asks for (the
+# encoder's pixels usually need none). The bias gradients are torch reductions.
 
-    @staticmethod
-    def backward(ctx, dpix):
-        h2, weight = ctx.saved_tensors
-        h_shape, q, p, has_bias = ctx.meta
-        K, d = weight.shape
-        M = h2.shape[0]
-        dh = dw = db = None
-        if ctx.needs_input_grad[0]:  # dh (M, d) = d patches (M, K) @ W (K, d); any dpix strides
-            dh = torch.empty((M, d), dtype=h2.dtype, device=h2.device)
-            _gemm(_pixels(dpix, q, p), _strided(weight), _strided(dh), M, d, K)
-            dh = dh.view(h_shape)
-        if ctx.needs_input_grad[1]:  # dW (K, d) = d patches^T (K, M) @ h (M, d)
-            dw = torch.empty_like(weight)
-            _weight_grad(_pixels(dpix, q, p, transpose=True), _strided(h2), dw, K, d, M)
-        if has_bias and ctx.needs_input_grad[2]:
-            B, C, T, H, W = dpix.shape
-            per_feature = dpix.view(B, C, T // q, q, H // p, p, W // p, p).sum(
-                (0, 2, 4, 6), dtype=torch.float32)  # (C, q, p, p)
-            db = per_feature.permute(1, 2, 3, 0).reshape(-1).to(weight.dtype)
-        return dh, dw, db, None, None, None, None, None
+
+@torch.library.custom_op("vitok::tubelet_embed", mutates_args=())
+def _embed_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: int,
+              p: int) -> torch.Tensor:
+    check_device(x, weight)
+    _check_embed(x, weight, bias, q, p)
+    _check_dtypes("tubelet_embed", x, weight, bias)
+    video = _as_video(x)
+    d, K = weight.shape
+    M = _tokens(video.shape, q, p)
+    out = torch.empty((M, d), dtype=x.dtype, device=x.device)
+    # out (M, d) = patches (M, K) @ W^T (K, d) + b
+    _gemm(_pixels(video, q, p), _strided(weight, transpose=True), _strided(out), M, d, K, bias)
+    return out.view(video.shape[0], M // video.shape[0], d)
+
+
+@torch.library.custom_op("vitok::tubelet_embed_dx", mutates_args=())
+def _embed_dx_op(dy: torch.Tensor, weight: torch.Tensor, x_shape: list[int], q: int,
+                 p: int) -> torch.Tensor:
+    """d pixels: d patches (M, K) = dy (M, d) @ W (d, K), scattered into the pixels."""
+    check_device(dy, weight)
+    d, K = weight.shape
+    dy2 = dy.reshape(-1, d)
+    dx = torch.empty(x_shape, dtype=dy.dtype, device=dy.device)
+    _gemm(_strided(dy2), _strided(weight), _pixels(_as_video(dx), q, p), dy2.shape[0], K, d)
+    return dx
+
+
+@torch.library.custom_op("vitok::tubelet_embed_dweight", mutates_args=())
+def _embed_dweight_op(dy: torch.Tensor, x: torch.Tensor, q: int, p: int) -> torch.Tensor:
+    """dW (d, K) = dy^T (d, M) @ patches (M, K), split-K over the tokens."""
+    check_device(dy, x)
+    video = _as_video(x)
+    d, K = dy.shape[-1], q * p * p * video.shape[1]
+    dy2 = dy.reshape(-1, d)
+    dw = torch.empty((d, K), dtype=x.dtype, device=x.device)
+    return _weight_grad(_strided(dy2, transpose=True), _pixels(video, q, p), dw, d, K, dy2.shape[0])
+
+
+@torch.library.custom_op("vitok::tubelet_unembed", mutates_args=())
+def _unembed_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: int, p: int,
+                T: int, H: int, W: int) -> torch.Tensor:
+    check_device(h, weight)
+    _check_unembed(h, weight, bias, q, p, T, H, W)
+    _check_dtypes("tubelet_unembed", h, weight, bias)
+    K, d = weight.shape
+    h2 = h.reshape(-1, d)
+    out = torch.empty((h.shape[0], K // (q * p * p), T, H, W), dtype=h.dtype, device=h.device)
+    # patches (M, K) = h (M, d) @ W^T (d, K) + b, written into pixels
+    _gemm(_strided(h2), _strided(weight, transpose=True), _pixels(out, q, p), h2.shape[0], K, d, bias)
+    return out
+
+
+@torch.library.custom_op("vitok::tubelet_unembed_dh", mutates_args=())
+def _unembed_dh_op(dpix: torch.Tensor, weight: torch.Tensor, q: int, p: int) -> torch.Tensor:
+    """dh (M, d) = d patches (M, K) @ W (K, d), reading dpix through any strides."""
+    check_device(dpix, weight)
+    K, d = weight.shape
+    M = _tokens(dpix.shape, q, p)
+    dh = torch.empty((M, d), dtype=dpix.dtype, device=dpix.device)
+    _gemm(_pixels(dpix, q, p), _strided(weight), _strided(dh), M, d, K)
+    return dh.view(dpix.shape[0], M // dpix.shape[0], d)
+
+
+@torch.library.custom_op("vitok::tubelet_unembed_dweight", mutates_args=())
+def _unembed_dweight_op(dpix: torch.Tensor, h: torch.Tensor, q: int, p: int) -> torch.Tensor:
+    """dW (K, d) = d patches^T (K, M) @ h (M, d), split-K over the tokens."""
+    check_device(dpix, h)
+    d, K = h.shape[-1], q * p * p * dpix.shape[1]
+    h2 = h.reshape(-1, d)
+    dw = torch.empty((K, d), dtype=h.dtype, device=h.device)
+    return _weight_grad(_pixels(dpix, q, p, transpose=True), _strided(h2), dw, K, d, h2.shape[0])
+
+
+@_embed_op.register_fake
+def _(x, weight, bias, q, p):
+    video = _as_video(x)
+    N = _tokens(video.shape, q, p) // video.shape[0]
+    return x.new_empty((video.shape[0], N, weight.shape[0]))
+
+
+@_embed_dx_op.register_fake
+def _(dy, weight, x_shape, q, p):
+    return dy.new_empty(x_shape)
+
+
+@_embed_dweight_op.register_fake
+def _(dy, x, q, p):
+    return x.new_empty((dy.shape[-1], q * p * p * x.shape[1]))
+
+
+@_unembed_op.register_fake
+def _(h, weight, bias, q, p, T, H, W):
+    return h.new_empty((h.shape[0], weight.shape[0] // (q * p * p), T, H, W))
+
+
+@_unembed_dh_op.register_fake
+def _(dpix, weight, q, p):
+    return dpix.new_empty((dpix.shape[0], _tokens(dpix.shape, q, p) // dpix.shape[0], weight.shape[1]))
+
+
+@_unembed_dweight_op.register_fake
+def _(dpix, h, q, p):
+    return h.new_empty((q * p * p * dpix.shape[1], h.shape[-1]))
+
+
+def _save_tubelet(ctx, inputs, output):
+    """Both ops save their activation (pixels x, or tokens h) and the weight."""
+    activation, weight, bias, q, p = inputs[:5]
+    ctx.save_for_backward(activation, weight)
+    ctx.meta = (q, p, bias is not None)
+
+
+def _embed_grad(ctx, dy):
+    x, weight = ctx.saved_tensors
+    q, p, has_bias = ctx.meta
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.vitok.tubelet_embed_dx(dy, weight, x.shape, q, p)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.vitok.tubelet_embed_dweight(dy, x, q, p)
+    if has_bias and ctx.needs_input_grad[2]:
+        db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
+    return dx, dw, db, None, None
+
+
+def _unembed_grad(ctx, dpix):
+    h, weight = ctx.saved_tensors
+    q, p, has_bias = ctx.meta
+    dh = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dh = torch.ops.vitok.tubelet_unembed_dh(dpix, weight, q, p)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.vitok.tubelet_unembed_dweight(dpix, h, q, p)
+    if has_bias and ctx.needs_input_grad[2]:
+        B, C, T, H, W = dpix.shape
+        per_feature = dpix.reshape(B, C, T // q, q, H // p, p, W // p, p).sum(
+            (0, 2, 4, 6), dtype=torch.float32)  # (C, q, p, p)
+        db = per_feature.permute(1, 2, 3, 0).reshape(-1).to(weight.dtype)
+    return dh, dw, db, None, None, None, None, None
+
+
+_embed_op.register_autograd(_embed_grad, setup_context=_save_tubelet)
+_unembed_op.register_autograd(_unembed_grad, setup_context=_save_tubelet)
+
+
+# FLOP formulas (2 x MACs, torch's convention), so FlopCounterMode counts the fused path as
+# it counts the reference path's F.linear (addmm) and its backward matmuls: every product
+# is (tokens M) x (patch dim K) x (width d), whatever the layout of its operands.
+def _gemm_flops(tokens_shape, weight_shape) -> int:
+    tokens = 1
+    for s in tokens_shape:
+        tokens *= s
+    return 2 * tokens * weight_shape[0] * weight_shape[1]
+
+
+@register_flop_formula(torch.ops.vitok.tubelet_embed)
+def _(x_shape, w_shape, *args, out_shape, **kwargs) -> int:
+    return _gemm_flops(out_shape[:-1], w_shape)
+
+
+@register_flop_formula([torch.ops.vitok.tubelet_embed_dx, torch.ops.vitok.tubelet_unembed])
+def _(tokens_shape, w_shape, *args, **kwargs) -> int:  # dy (B, N, d) or h (B, N, d)
+    return _gemm_flops(tokens_shape[:-1], w_shape)
+
+
+@register_flop_formula(torch.ops.vitok.tubelet_embed_dweight)
+def _(dy_shape, x_shape, *args, out_shape, **kwargs) -> int:  # dW (d, K)
+    return _gemm_flops(dy_shape[:-1], out_shape)
+
+
+@register_flop_formula(torch.ops.vitok.tubelet_unembed_dh)
+def _(dpix_shape, w_shape, *args, out_shape, **kwargs) -> int:  # dh (B, N, d)
+    return _gemm_flops(out_shape[:-1], w_shape)
+
+
+@register_flop_formula(torch.ops.vitok.tubelet_unembed_dweight)
+def _(dpix_shape, h_shape, *args, out_shape, **kwargs) -> int:
+    return _gemm_flops(h_shape[:-1], out_shape)
 
 
 def _check_dtypes(name, x, weight, bias):
@@ -345,13 +469,10 @@ def tubelet_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _check_embed(x, weight, bias, q, p)
     x, weight, bias = autocast_inputs(x, weight, bias)
     _check_dtypes("tubelet_embed", x, weight, bias)
-    return TubeletEmbedFunction.apply(x, weight, bias, q, p)
+    return torch.ops.vitok.tubelet_embed(x, weight, bias, q, p)
 
 
-def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    q: int, p: int, T: int, H: int, W: int) -> torch.Tensor:
-    """Fused ``unpatchify(h @ weight.T + bias)`` -> ``(B, C, T, H, W)``, written in place."""
-    check_device(h, weight)
+def _check_unembed(h, weight, bias, q, p, T, H, W):
     K = weight.shape[0]
     tokens = (T // q) * (H // p) * (W // p)
     if T % q or H % p or W % p or K % (q * p * p) or tokens == 0:
@@ -363,6 +484,13 @@ def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                          f"(T, H, W) = {(T, H, W)}, got {tuple(h.shape)}")
     if bias is not None and tuple(bias.shape) != (K,):
         raise ValueError(f"tubelet_unembed expects bias ({K},), got {tuple(bias.shape)}")
+
+
+def tubelet_unembed(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    q: int, p: int, T: int, H: int, W: int) -> torch.Tensor:
+    """Fused ``unpatchify(h @ weight.T + bias)`` -> ``(B, C, T, H, W)``, written in place."""
+    check_device(h, weight)
+    _check_unembed(h, weight, bias, q, p, T, H, W)
     h, weight, bias = autocast_inputs(h, weight, bias)
     _check_dtypes("tubelet_unembed", h, weight, bias)
-    return TubeletUnembedFunction.apply(h, weight, bias, q, p, T, H, W)
+    return torch.ops.vitok.tubelet_unembed(h, weight, bias, q, p, T, H, W)

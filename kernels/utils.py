@@ -66,7 +66,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 def autocast_inputs(*tensors):
     """Cast floating tensors to the autocast dtype when autocast is on for their device.
 
-    Custom autograd Functions bypass autocast; the GEMM kernels (tubelet embed / unembed)
+    Custom ops bypass autocast; the GEMM kernels (tubelet embed / unembed)
     call this so that under ``torch.autocast`` they compute in bf16 like the ``F.linear``
     of the reference path, instead of silently in fp32.
     """

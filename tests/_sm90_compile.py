@@ -31,7 +31,7 @@ def _compile(fn, types: dict, constexprs: dict, **options):
     # every pointer, stride and size divisible by 16 (lets Triton vectorise loads).
     names = list(inspect.signature(fn.fn).parameters)
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items()
-               if t.startswith("*") or (t == "i32" and n not in ("sign", "programs", "iters"))}
+               if t.startswith("*") or (t == "i32" and n not in ("programs", "iters"))}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     try:
         kernel = triton.compile(src, target=HOPPER, options=options)
@@ -73,8 +73,7 @@ def check_swiglu_kernels_compile_for_sm90():
 def check_rope_kernel_compiles_for_sm90(block_r, block_p):
     m = _module("rope")
     types = {"Q": "*bf16", "K": "*bf16", "QO": "*bf16", "KO": "*bf16", "COS": "*fp32", "SIN": "*fp32",
-             **_ints("R", "H", "N", "P", "sqb", "sqh", "sqn", "skb", "skh", "skn", "sob", "soh", "son"),
-             "sign": "fp32"}
+             **_ints("R", "H", "N", "P", "sqb", "sqh", "sqn", "skb", "skh", "skn", "sob", "soh", "son")}
     _compile(m._rope_qk, types, dict(BLOCK_R=block_r, BLOCK_P=block_p), num_warps=4)
 
 

@@ -28,15 +28,18 @@ def test_tiny_mode_runs_every_step_and_writes_results_and_summary(tmp_path):
     proc = _run(tmp_path, {}, timeout=1200)
     results = tmp_path / "results"
     steps = _steps(results)
-    assert list(steps) == ["selftest", "roofline", "pytest_gpu", "bench_kernels", "bench_attention",
-                           "bench_e2e", "train_throughput", "profile_step"]
+    # most valuable first: what a short GPU_SH_BUDGET keeps
+    assert list(steps) == ["selftest", "compile_paths", "pytest_gpu", "bench_kernels", "bench_e2e",
+                           "train_throughput", "roofline", "bench_attention", "profile_step"]
     assert steps["train_throughput"] == "skipped"  # CUDA only, said so in the summary
     failed = [name for name, status in steps.items() if status not in ("ok", "skipped")]
     assert proc.returncode == len(failed), proc.stdout[-3000:]
-    for name in ("selftest", "bench_kernels", "bench_e2e", "profile_step", "roofline"):
+    for name in ("selftest", "compile_paths", "bench_kernels", "bench_e2e", "profile_step", "roofline"):
         assert steps[name] == "ok", (name, (results / "gpu_logs" / f"{name}.log").read_text()[-2000:])
     selftest = json.loads((results / "selftest_cpu.json").read_text())
     assert selftest["checks"] and not [c for c in selftest["checks"] if c["ok"] is False]
+    compiled = json.loads((results / "compile_paths_cpu.json").read_text())["rows"]
+    assert [(r["path"], r["status"]) for r in compiled] == [("kernels", "ok")]
     assert (results / "e2e_cpu_tiny.json").exists() and (results / "e2e_cpu_tiny.png").exists()
     assert json.loads((results / "roofline_S-B_16.json").read_text())["model"] == "S-B/16"
     summary = (results / "gpu_summary.md").read_text()
@@ -55,6 +58,22 @@ def test_a_failing_step_is_counted_and_the_next_one_still_runs(tmp_path):
     assert steps == {"train_throughput": "skipped", "roofline": "FAIL (exit 3)"}
     assert proc.returncode == 1
     assert "| roofline | FAIL (exit 3) |" in (tmp_path / "results" / "gpu_summary.md").read_text()
+
+
+def test_steps_past_the_budget_are_skipped_for_time_and_the_summary_says_so(tmp_path):
+    # a "roofline" that takes 27 s: the budget counts from the first step, so with 45 s it
+    # starts and leaves under 20 s, too little to start the next step
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/bash\ncase \"$*\" in *roofline.py*) sleep 27; exit 0;; esac\n"
+                    f"exec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    proc = _run(tmp_path, {"PYTHON": str(fake), "GPU_SH_BUDGET": "45",
+                           "GPU_SH_ONLY": "roofline,bench_attention"}, timeout=300)
+    steps = _steps(tmp_path / "results")
+    assert steps == {"roofline": "ok", "bench_attention": "skipped"}, proc.stdout[-2000:]
+    summary = (tmp_path / "results" / "gpu_summary.md").read_text()
+    assert "Skipped for time (GPU_SH_BUDGET spent): bench_attention." in summary
+    assert proc.returncode == 0
 
 
 def test_unknown_option_is_a_one_line_error():

@@ -96,7 +96,7 @@ def test_state_dict_keys_unchanged_by_fused_blocks():
 
 
 def test_kernel_path_follows_autocast_like_reference_path(device):
-    # custom autograd Functions bypass autocast; the GEMM kernels cast as F.linear would, so
+    # custom ops bypass autocast; the GEMM kernels cast as F.linear would, so
     # under bf16 autocast both paths produce the same dtypes and close values
     fused, plain = _pair("T-T/8", device)
     x = torch.rand(1, 3, 16, 16, device=device) * 2 - 1

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Commands the README documents; the test derives the set from the source and checks these are in it.
 KNOWN_COMMANDS = {"encode", "decode", "evaluate", "reconstruct", "latent_stats", "sample",
-                  "selftest", "plots"}
+                  "selftest", "plots", "export"}
 
 
 def _module_files() -> dict[str, Path]:

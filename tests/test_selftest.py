@@ -34,10 +34,10 @@ def test_quick_selftest_passes_and_writes_the_json_schema(tmp_path, capsys):
                 + [("tubelet_unembed", "S-L/16"), ("tubelet_embed", "S-B/4x8"),
                    ("tubelet_unembed", "S-B/4x8")]]
     assert sorted(n for n in checks if n.split()[0] in ops) == sorted(expected)
+    # the compile check runs on the CPU too: Inductor calls the interpreted kernels as ops
+    assert [c["name"] for c in data["checks"] if c["name"].startswith("torch.compile")] == [
+        "torch.compile model, kernels on T-T/8 fp32"]
     for check in data["checks"]:
-        if check["name"].startswith("torch.compile"):
-            assert check["ok"] is None  # skipped under the interpreter, with its reason printed
-            continue
         assert check["ok"] is True, check
         assert 0 <= check["max_rel_err"] <= check["bound"], check
     op_rows = [c for c in data["checks"] if c["name"].split()[0] in ops]
@@ -45,7 +45,7 @@ def test_quick_selftest_passes_and_writes_the_json_schema(tmp_path, capsys):
     assert sum(c["name"].startswith("attention ") for c in data["checks"]) >= 3 * 2 * 2
     assert sum(c["name"].startswith("model kernel path") for c in data["checks"]) == 4
     out = capsys.readouterr().out
-    assert "torch.compile cannot trace" in out and " 0 FAIL" in out
+    assert "first call with compilation" in out and " 0 FAIL" in out and " 0 skipped" in out
 
 
 def _small(monkeypatch):

@@ -4,7 +4,9 @@ Each op takes ``use_kernels``: when True, the tensor is fp32, bf16 or fp16, and 
 on its device (CUDA, or the CPU under ``TRITON_INTERPRET=1``), the fused kernel runs;
 otherwise the plain-PyTorch reference does. The reference path is what every kernel is
 checked against. Where Triton is not installed at all, ``use_kernels=True`` means the
-reference, and the first op to fall back says so in one warning per process.
+reference, and the first op to fall back says so in one warning per process. The fused ops
+are ``torch.ops.vitok.*`` custom ops (kernels/*.py), so the choice made here is all that
+torch.compile and torch.export see of it: one op node, or the reference's ATen ops.
 """
 
 from __future__ import annotations

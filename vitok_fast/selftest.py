@@ -16,7 +16,8 @@ the error and its bound for each:
 * the whole model's kernel path against its reference path: each is compared with the same
   model in float64, and the kernel path's error may be at most twice the reference path's
   plus one unit roundoff of the dtype (one rounding more or less on any tensor);
-* ``torch.compile`` of the model with the kernels on, forward and backward, by the same rule;
+* ``torch.compile(fullgraph=True)`` of the model with the kernels on (Inductor; on the CPU it
+  calls the interpreted kernels as opaque custom ops), forward and backward, by the same rule;
 * every attention backend that can run here, forward and backward, on the model's real
   (non-contiguous) q, k, v views of the packed qkv projection, against math attention in
   float64 (CPU) or fp32 (CUDA), by vitok_fast.attention.check_backend; a backend that cannot
@@ -455,7 +456,9 @@ def _model_run(model, x):
     loss = recon.float().square().mean() + posterior.kl()
     loss.backward()
     out = {"reconstruction": recon.detach(), "posterior mean": posterior.mean.detach()}
-    out.update({f"grad {n}": p.grad.detach().clone() for n, p in model.named_parameters()})
+    # a compiled module names its parameters "_orig_mod.<name>"
+    out.update({f"grad {n.removeprefix('_orig_mod.')}": p.grad.detach().clone()
+                for n, p in model.named_parameters()})
     return out
 
 
@@ -518,24 +521,19 @@ def model_checks(dev, quick):
 
 
 def compile_check(dev, quick):
-    """torch.compile of the kernel-path model, forward and backward, against float64."""
+    """torch.compile of the kernel-path model (fullgraph: the fused ops are custom ops, so no
+    graph break), forward and backward, by Inductor, against float64. On the CPU, Inductor's
+    graph calls the interpreted kernels as opaque ops (tests/test_compile.py)."""
     from vitok_fast import ops
 
     name, shape = MODEL_CASES[quick][0]
     check = f"torch.compile model, kernels on {name} fp32"
     if not ops.triton_can_run(torch.empty(0, device=dev)):
         return Check(check, None, why=_no_triton_reason(dev))
-    if dev.type == "cpu":
-        # Dynamo traces a Triton kernel only as a compiled CUDA launch; under the CPU
-        # interpreter it fails inside triton/runtime/interpreter.py (measured with torch 2.14
-        # and Triton 3.8: InternalTorchDynamoError, AttributeError __triton_builtin__, after
-        # 12-30 s). That says nothing about the model, so it is a skip, not a result.
-        return Check(check, None, why="torch.compile cannot trace Triton's CPU interpreter; "
-                                      "this check runs on CUDA")
     fused, plain, exact, x = _model_triple(name, shape, torch.float32, dev)
     ref64 = _model_run(exact, x.double())
     out_r = _model_run(plain, x)
-    compiled = torch.compile(fused)
+    compiled = torch.compile(fused, fullgraph=True)
     t0 = time.perf_counter()
     try:
         out_c = _model_run(compiled, x)
