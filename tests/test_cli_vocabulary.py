@@ -100,7 +100,7 @@ def test_the_walk_covers_every_command_module_and_training_script():
     scripts = {f"vitok_fast.train.{p.stem}" for p in (ROOT / "train").glob("*.py")
                if p.stem != "__init__"}
     assert tools | scripts == commands, (tools | scripts) ^ commands
-    assert len(commands) == 11
+    assert len(commands) == 12
 
 
 def test_every_option_has_one_canonical_name_and_no_synonym(parsers):

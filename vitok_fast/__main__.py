@@ -29,6 +29,7 @@ COMMANDS = {
     "reconstruct": ("vitok_fast.reconstruct", "reconstruct files or folders, side by side with PSNR"),
     "plots": ("vitok_fast.plots", "reconstruction grids, E sweeps, training curves"),
     "selftest": ("vitok_fast.selftest", "check this installation's kernels and backends"),
+    "export": ("vitok_fast.export", "torch.export the encoder and decoder for serving"),
 }
 
 

@@ -376,9 +376,9 @@ def add_device(parser, *, later: bool = False) -> argparse.Action:
                       help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
 
 
-def add_no_kernels(parser) -> argparse.Action:
+def add_no_kernels(parser, help: str = "plain-PyTorch ops instead of the fused Triton "
+                   "kernels") -> argparse.Action:
     """``--no-kernels``: the plain-PyTorch reference ops instead of the fused Triton kernels."""
-    action = parser.add_argument("--no-kernels", action="store_true",
-                                 help="plain-PyTorch ops instead of the fused Triton kernels")
+    action = parser.add_argument("--no-kernels", action="store_true", help=help)
     action.shared = "no-kernels"
     return action

@@ -27,7 +27,6 @@ its reference path, as it would run; export.json says which.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -50,16 +49,13 @@ def _check_equal(program, eager, example: torch.Tensor, what: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(prog="python -m vitok_fast.export", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True,
-                   help="directory written by ViTok.save_pretrained, or a training run")
-    p.add_argument("--out", required=True, type=cli.output_dir, help="output directory")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="export the reference path (ATen ops only; loads without vitok_fast)")
+    p = cli.ArgumentParser(prog="python -m vitok_fast.export", description=__doc__)
+    cli.add_ckpt(p, required=True)
+    cli.add_out(p, "output directory for encoder.pt2, decoder.pt2, export.json", required=True)
+    cli.add_no_kernels(p, help="export the reference path (ATen ops only; loads without vitok_fast)")
     p.add_argument("--no-aoti", action="store_true",
                    help="skip the AOTInductor packages (written only on CUDA)")
-    p.add_argument("--device", type=cli.device, default=cli.default_device())
+    cli.add_device(p)
     args = p.parse_args(argv)
 
     from vitok_fast.checkpoint import resolve_ckpt
