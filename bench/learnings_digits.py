@@ -46,7 +46,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +85,7 @@ def _generation_digits():
 gd = _generation_digits()
 
 
-@dataclass(frozen=True)
-class Point:
+class Point(NamedTuple):
     """One sweep point: a ``encoder``-``decoder``/``p`` ViTok with ``c`` channels, then (if
     ``generation``) a DiT on its latents, and (if ``per_channel_norm``) a second DiT on
     per-channel-normalised latents."""
@@ -190,7 +189,7 @@ def load_point(path: Path, point: Point, settings: dict, seed: int) -> dict | No
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    wanted = {"settings": settings, "seed": seed, "point": asdict(point)}
+    wanted = {"settings": settings, "seed": seed, "point": point._asdict()}
     for key, value in wanted.items():
         if saved.get(key) != value:
             raise UserError(f"{path} holds a point run with {key} {saved.get(key)}, not {value}: "
@@ -199,22 +198,23 @@ def load_point(path: Path, point: Point, settings: dict, seed: int) -> dict | No
 
 
 def sweep(points: list[Point], points_dir, settings: dict, seed: int, *, progress: bool = True,
-          run_one=run_point) -> list[dict]:
+          run_one=run_point, only: set[str] | None = None) -> list[dict | None]:
     """Every point's record, in order: finished ones read back from ``points_dir``, the others
-    run one at a time and written the moment each finishes."""
+    run one at a time and written the moment each finishes. With ``only`` (point names) just
+    those run; another's record is None until some run finishes it."""
     from tqdm import tqdm
 
     points_dir = Path(points_dir)
     points_dir.mkdir(parents=True, exist_ok=True)
     records = [load_point(_point_file(points_dir, q), q, settings, seed) for q in points]
-    todo = [i for i, r in enumerate(records) if r is None]
+    todo = [i for i, r in enumerate(records) if r is None and (only is None or points[i].name in only)]
     digits = Digits() if todo else None
     bar = tqdm(todo, desc="points", disable=not progress, unit="point")
     for i in bar:
         q = points[i]
         bar.set_postfix_str(q.name)
         records[i] = run_one(q, digits, settings, seed, workdir=points_dir)
-        text = json.dumps({"point": asdict(q), "seed": seed, "settings": settings,
+        text = json.dumps({"point": q._asdict(), "seed": seed, "settings": settings,
                            "record": records[i]}, indent=2) + "\n"
         atomic_write(_point_file(points_dir, q), lambda tmp: Path(tmp).write_text(text))
         if progress:
@@ -264,6 +264,13 @@ def findings(points: list[dict]) -> dict:
             # at the largest E, the most favourable of its points (lowest FD, highest accuracy)
             "fd_largest_E_over_best": min(q["fd_samples"] for q in top) / best["fd_samples"],
             "accuracy_conditional_largest_E": max(q["accuracy_conditional"] for q in top)})
+        out["generation_peaks_inside_per_p"] = {}
+        for p, qs in sorted(by_p.items()):
+            qs = [q for q in qs if q["fd_samples"] is not None]
+            if len(qs) >= 3:
+                best_p = min(qs, key=lambda q: q["fd_samples"])["E"]
+                out["generation_peaks_inside_per_p"][str(p)] = bool(
+                    min(q["E"] for q in qs) < best_p < max(q["E"] for q in qs))
     else:
         out.update({"best_generation_E": None, "generation_peaks_inside": None})
     base = {(q["p"], q["c"]): q["psnr_heldout"] for q in grid}
@@ -360,20 +367,146 @@ def plot(record: dict, path) -> Path:
     return path
 
 
+# -- the same sweep at scale ---------------------------------------------------------------
+
+# [ours] p x c at 256p: E = (256/p)^2 c from 256 to 65536, with points of equal E on the
+# diagonals (Figure 2's comparison); the size axis at S-B/16, c = 16 compares the paper's
+# S-B, S-L (decoder scaled) and B-B (encoder scaled) tokenizers (its Figures 3 and 4).
+DATA_GRID = ((8, 4), (8, 16), (8, 64), (16, 4), (16, 16), (16, 64), (32, 4), (32, 16), (32, 64))
+DATA_SIZES = (("S", "B"), ("S", "L"), ("B", "B"))  # (encoder, decoder); S-B the base
+
+
+class ScalePoint(NamedTuple):
+    """One grid point at scale: a tokenizer ``encoder``-``decoder``/``p`` with ``c`` channels,
+    its reconstruction scores and (if ``generation``) a DiT's gFID at each CFG."""
+
+    p: int
+    c: int
+    encoder: str = "S"
+    decoder: str = "B"
+    generation: bool = True
+    per_channel_norm: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.encoder}-{self.decoder}_p{self.p}_c{self.c}"
+
+
+def build_scale_grid(pcs, size_axis) -> list[ScalePoint]:
+    """As build_grid: the (p, c) points with S-B, a per-channel-norm DiT at each p's largest
+    c, and at ``size_axis`` the decoder- and encoder-scaled tokenizers (reconstruction only)."""
+    largest = {}
+    for p, c in pcs:
+        largest[p] = max(largest.get(p, 0), c)
+    points = [ScalePoint(p, c, per_channel_norm=c == largest[p]) for p, c in pcs]
+    if size_axis is not None:
+        p, c = size_axis
+        if (p, c) not in set(pcs):
+            points.append(ScalePoint(p, c, generation=False))
+        points += [ScalePoint(p, c, e, d, generation=False) for e, d in DATA_SIZES[1:]]
+    return points
+
+
+def scale_commands(point: ScalePoint, args) -> list[tuple[str, str, str | None]]:
+    """``(what, shell command, file that exists once it is done)`` for one point, in order:
+    stage 1 -> reconstruction scores -> encode -> train/dit.py -> sample -> gFID at each CFG."""
+    q = shlex.quote
+    root = Path(args.out) / point.name
+    tok, torchrun = root / "tokenizer", f"torchrun --nproc_per_node {args.nproc}"
+    stage1 = (f"{torchrun} train/stage1.py --model {point.encoder}-{point.decoder}/{point.p} "
+              f"--channels {point.c} --data {q(args.data)} --resolution {args.resolution} "
+              f"--out-dir {q(str(tok))}")
+    if args.lpips_vgg:
+        stage1 += f" --lpips-vgg {q(args.lpips_vgg)}"
+    steps = [("stage 1", stage1, None)]
+    if args.val_data:
+        recon = root / "reconstruction.json"
+        steps.append(("reconstruction (Figure 2)",
+                      f"{torchrun} -m vitok_fast.evaluate --ckpt {q(str(tok))} "
+                      f"--data {q(args.val_data)} --resolution {args.resolution} "
+                      f"--inception {q(args.inception)}"
+                      + (f" --lpips-vgg {q(args.lpips_vgg)}" if args.lpips_vgg else "")
+                      + f" --out {q(str(recon))}", str(recon)))
+    if not point.generation:
+        return steps
+    latents = root / "latents"
+    steps.append(("encode", f"python -m vitok_fast.encode --ckpt {q(str(tok))} --data "
+                  f"{q(args.data)} --resolution {args.resolution} --out {q(str(latents))}",
+                  str(latents / "stats.json")))
+    side = args.resolution // point.p  # [ours] a DiT patch that keeps at most 16x16 tokens
+    dit_name = f"DiT-{args.dit}/{max(1, side // 16)}"
+    for norm in ("global", "per-channel") if point.per_channel_norm else ("global",):
+        dit = root / ("dit" if norm == "global" else "dit_per_channel_norm")
+        steps.append((f"train/dit.py ({norm} latent normalisation)",
+                      f"{torchrun} train/dit.py --latents {q(str(latents))} --vitok {q(str(tok))} "
+                      f"--model {dit_name} --out-dir {q(str(dit))}"
+                      + (" --per-channel-norm" if norm == "per-channel" else ""), None))
+        for cfg in args.cfg:
+            samples = dit.parent / f"{dit.name}_samples_cfg{cfg:g}"
+            steps.append((f"sample (CFG {cfg:g})",
+                          f"python -m vitok_fast.sample --dit {q(str(dit))} --vitok {q(str(tok))} "
+                          f"--classes $(seq -s, 0 {args.num_classes - 1}) --per-class "
+                          f"{args.scale_per_class} --cfg {cfg:g} --steps {args.scale_sampling_steps} "
+                          f"--out {q(str(samples))}", str(samples / "samples.npz")))
+            score = dit.parent / f"{dit.name}_gfid_cfg{cfg:g}.json"
+            steps.append((f"gFID (CFG {cfg:g}, Figure 5)",
+                          f"python -m vitok_fast.evaluate --generated {q(str(samples))} "
+                          f"--ref-stats {q(args.ref_stats)} --inception {q(args.inception)} "
+                          f"--out {q(str(score))}", str(score)))
+    return steps
+
+
+def scale_main(args) -> list[ScalePoint]:
+    """``--data``: print (or, with ``--run``, run) every point's commands."""
+    points = build_scale_grid(args.pcs, args.size_axis)
+    if args.point is not None:
+        if not 0 <= args.point < len(points):
+            raise UserError(f"--point must be in [0, {len(points) - 1}] (the grid has "
+                            f"{len(points)} points), got {args.point}")
+        points = [points[args.point]]
+    if args.run:
+        needed = [("--inception", args.inception)]
+        if any(q.generation for q in points):
+            needed.append(("--ref-stats", args.ref_stats))
+        for option, path in needed + ([("--lpips-vgg", args.lpips_vgg)] if args.lpips_vgg else []):
+            if not Path(path).exists():
+                raise UserError(f"{option} {path} does not exist: pass the file (it is not "
+                                f"downloaded at run time)")
+    for i, point in enumerate(points):
+        print(f"# point {args.point if args.point is not None else i}: {point.name}, "
+              f"E = {(args.resolution // point.p) ** 2 * point.c}")
+        for what, command, done in scale_commands(point, args):
+            print(f"# {what}\n{command}", flush=True)
+            if not args.run:
+                continue
+            if done is not None and Path(done).exists():
+                print(f"# done already: {done}", flush=True)
+                continue
+            # stage 1 and train/dit.py resume from their own checkpoints (--resume auto)
+            subprocess.run(command, shell=True, executable="/bin/bash", check=True)
+    return points
+
+
 # -- the command -------------------------------------------------------------------------
 
 
-def _parse_pcs(text: str) -> list[tuple[int, int]]:
+def _parse_pcs(text: str, side: int = SIDE) -> list[tuple[int, int]]:
     pcs = []
     for item in text.split(","):
         p, _, c = item.strip().partition(":")
-        if not (p.isdigit() and c.isdigit()) or int(p) < 1 or int(c) < 1 or SIDE % int(p):
-            raise UserError(f"expected P:C pairs such as 8:4 with p dividing {SIDE} and c >= 1, "
+        if not (p.isdigit() and c.isdigit()) or int(p) < 1 or int(c) < 1 or side % int(p):
+            raise UserError(f"expected P:C pairs such as 8:4 with p dividing {side} and c >= 1, "
                             f"got {item.strip()!r}")
         pcs.append((int(p), int(c)))
     if len(set(pcs)) != len(pcs):
         raise UserError(f"expected distinct P:C pairs, got {text!r}")
     return pcs
+
+
+def _size_axis(text: str | None, default: tuple[int, int], side: int):
+    if text == "none":
+        return None
+    return default if text is None else _parse_pcs(text, side)[0]
 
 
 def environment(threads: int) -> dict:
@@ -395,8 +528,9 @@ def parse_args(argv=None):
                    help=f"the 5-point grid p = 8, c in {{1, 2, 4, 16, 32}} (default: the full "
                         f"{len(FULL_GRID)}-point grid)")
     g.add_argument("--grid", help="P:C[,P:C...]: these points instead of a preset grid")
-    g.add_argument("--size-axis", default="8:2",
-                   help="P:C where the T2-T and T-T2 tokenizers are trained, or 'none'")
+    g.add_argument("--size-axis", help="P:C where the wider-encoder and wider-decoder "
+                   "tokenizers are trained (digits: T2-T and T-T2, default 8:2; --data: B-B and "
+                   "S-L, default 16:16), or 'none'")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--points-dir", help="where each finished point is written and found on a "
                    "rerun (default: beside --json, <name>.points/)")
@@ -407,8 +541,42 @@ def parse_args(argv=None):
     for key, value in DEFAULTS.items():
         g.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
                        help="as bench/generation_digits.py")
+    g.add_argument("--only", type=lambda text: set(text.split(",")), help="NAME[,NAME...]: run "
+                   "only these points (as their files are named, e.g. T-T_p8_c32), e.g. to split "
+                   "a sweep over processes sharing --points-dir; the record holds the finished "
+                   "points and lists the missing ones")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("the same sweep at scale (--data)")
+    g.add_argument("--data", help="a data set train/stage1.py and python -m vitok_fast.encode "
+                   "read (a class-folder tree or tar shards): print the sweep's commands for it")
+    g.add_argument("--run", action="store_true", help="with --data: run them, one after another, "
+                   "skipping steps whose output exists")
+    g.add_argument("--point", type=int, help="with --data: only this grid point (0-based; a "
+                   "SLURM array's $SLURM_ARRAY_TASK_ID)")
+    g.add_argument("--val-data", help="held-out images for the reconstruction scores (Figure 2)")
+    g.add_argument("--out", default="runs/learnings", help="where every point's runs go")
+    g.add_argument("--resolution", type=int, default=256, help="[paper: 256]")
+    g.add_argument("--dit", default="L", help="DiT size [paper: DiT-L for Figure 5]")
+    g.add_argument("--scale-cfg", dest="scale_cfg", default="1.5,3.0",
+                   help="guidance scales [paper: 1.5 and 3.0]")
+    g.add_argument("--scale-sampling-steps", type=int, default=250, help="DDIM steps [paper: 250]")
+    g.add_argument("--num-classes", type=int, default=1000, help="classes to sample (ImageNet: 1000)")
+    g.add_argument("--scale-per-class", type=int, default=50,
+                   help="samples per class (50 x 1000 = the 50k of gFID)")
+    g.add_argument("--nproc", type=int, default=8, help="GPUs per torchrun")
+    g.add_argument("--ref-stats", default="VIRTUAL_imagenet256_labeled.npz",
+                   help="gFID reference statistics (ADM's ImageNet 256 batch)")
+    g.add_argument("--inception", default="weights-inception-2015-12-05-6726825d.pth",
+                   help="FID Inception weights")
+    g.add_argument("--lpips-vgg", help="VGG16 weights for stage 1's LPIPS and the reconstruction "
+                   "scores")
     args = p.parse_args(argv)
+    if args.data is not None:
+        return _scale_args(args)
+    for option in ("run", "point", "val_data"):
+        if getattr(args, option) not in (None, False):
+            raise UserError(f"--{option.replace('_', '-')} goes with --data DIR_OR_SHARDS (the "
+                            f"sweep at scale); the digits sweep takes no such option")
     for key in ("vitok_steps", "dit_steps", "per_class", "sampling_steps", "threads"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -421,22 +589,46 @@ def parse_args(argv=None):
         raise UserError("a sweep needs somewhere to keep its points: pass --json PATH "
                         "(points beside it) or --points-dir DIR")
     args.pcs = _parse_pcs(args.grid) if args.grid else list(QUICK_GRID if args.quick else FULL_GRID)
-    args.size_axis = None if args.size_axis == "none" else _parse_pcs(args.size_axis)[0]
+    args.size_axis = _size_axis(args.size_axis, (8, 2), SIDE)
     if args.points_dir is None:
         args.points_dir = str(Path(args.json).with_suffix(".points"))
     return args
 
 
-def main(argv=None) -> dict:
+def _scale_args(args):
+    for key in ("resolution", "scale_sampling_steps", "num_classes", "scale_per_class", "nproc"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    try:
+        args.cfg = [float(v) for v in args.scale_cfg.split(",")]
+    except ValueError:
+        raise UserError(f"--scale-cfg expects comma-separated numbers such as 1.5,3.0, "
+                        f"got {args.scale_cfg!r}") from None
+    if args.quick:
+        raise UserError("--quick picks the digits grid; with --data pass --grid P:C,... instead")
+    args.pcs = _parse_pcs(args.grid, args.resolution) if args.grid else list(DATA_GRID)
+    args.size_axis = _size_axis(args.size_axis, (16, 16), args.resolution)
+    return args
+
+
+def main(argv=None):
     args = parse_args(argv)
+    if args.data is not None:
+        return scale_main(args)
     torch.set_num_threads(args.threads)
     settings = {key: getattr(args, key) for key in DEFAULTS}
     start = time.perf_counter()
     points = build_grid(args.pcs, args.size_axis)
-    records = sweep(points, args.points_dir, settings, args.seed, progress=not args.no_progress)
+    if args.only is not None and not args.only <= {q.name for q in points}:
+        raise UserError(f"--only names points of the sweep ({', '.join(q.name for q in points)}), "
+                        f"got {', '.join(sorted(args.only - {q.name for q in points}))}")
+    records = sweep(points, args.points_dir, settings, args.seed, progress=not args.no_progress,
+                    only=args.only)
+    missing = [q.name for q, r in zip(points, records) if r is None]
+    records = [r for r in records if r is not None]
     found = findings(records)
     record = {"points": records, "findings": found, "targets": targets(found), "seed": args.seed,
-              "settings": settings, **environment(args.threads),
+              "settings": settings, **environment(args.threads), "missing_points": missing,
               "seconds_total": round(sum(r["seconds"] for r in records), 1),
               "seconds_this_run": round(time.perf_counter() - start, 1)}
     print(json.dumps({k: record[k] for k in ("findings", "targets", "seconds_total")}, indent=2))
