@@ -112,18 +112,20 @@ class Point(NamedTuple):
                 if size == "T2" for k, v in T2.items()}
 
 
-def build_grid(pcs, size_axis: tuple[int, int] | None) -> list[Point]:
-    """The points of a sweep: one per (p, c), a per-channel-norm DiT at each p's largest c,
-    and at ``size_axis`` = (p, c) the T2-T and T-T2 tokenizers (their T-T is a grid point)."""
+def build_grid(pcs, size_axis: tuple[int, int] | None, base=("T", "T"),
+               wider=(("T2", "T"), ("T", "T2"))) -> list[Point]:
+    """The points of a sweep: one per (p, c) with the ``base`` (encoder, decoder), a
+    per-channel-norm DiT at each p's largest c, and at ``size_axis`` = (p, c) the ``wider``
+    tokenizers, reconstruction only (their base is a grid point)."""
     largest = {}
     for p, c in pcs:
         largest[p] = max(largest.get(p, 0), c)
-    points = [Point(p, c, per_channel_norm=c == largest[p]) for p, c in pcs]
+    points = [Point(p, c, *base, per_channel_norm=c == largest[p]) for p, c in pcs]
     if size_axis is not None:
         p, c = size_axis
         if (p, c) not in set(pcs):
-            points.append(Point(p, c, generation=False))
-        points += [Point(p, c, "T2", "T", generation=False), Point(p, c, "T", "T2", generation=False)]
+            points.append(Point(p, c, *base, generation=False))
+        points += [Point(p, c, e, d, generation=False) for e, d in wider]
     return points
 
 
@@ -212,6 +214,9 @@ def sweep(points: list[Point], points_dir, settings: dict, seed: int, *, progres
     bar = tqdm(todo, desc="points", disable=not progress, unit="point")
     for i in bar:
         q = points[i]
+        records[i] = load_point(_point_file(points_dir, q), q, settings, seed)
+        if records[i] is not None:  # another process sharing points_dir finished it meanwhile
+            continue
         bar.set_postfix_str(q.name)
         records[i] = run_one(q, digits, settings, seed, workdir=points_dir)
         text = json.dumps({"point": q._asdict(), "seed": seed, "settings": settings,
@@ -373,41 +378,10 @@ def plot(record: dict, path) -> Path:
 # diagonals (Figure 2's comparison); the size axis at S-B/16, c = 16 compares the paper's
 # S-B, S-L (decoder scaled) and B-B (encoder scaled) tokenizers (its Figures 3 and 4).
 DATA_GRID = ((8, 4), (8, 16), (8, 64), (16, 4), (16, 16), (16, 64), (32, 4), (32, 16), (32, 64))
-DATA_SIZES = (("S", "B"), ("S", "L"), ("B", "B"))  # (encoder, decoder); S-B the base
+DATA_BASE, DATA_WIDER = ("S", "B"), (("S", "L"), ("B", "B"))  # (encoder, decoder)
 
 
-class ScalePoint(NamedTuple):
-    """One grid point at scale: a tokenizer ``encoder``-``decoder``/``p`` with ``c`` channels,
-    its reconstruction scores and (if ``generation``) a DiT's gFID at each CFG."""
-
-    p: int
-    c: int
-    encoder: str = "S"
-    decoder: str = "B"
-    generation: bool = True
-    per_channel_norm: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.encoder}-{self.decoder}_p{self.p}_c{self.c}"
-
-
-def build_scale_grid(pcs, size_axis) -> list[ScalePoint]:
-    """As build_grid: the (p, c) points with S-B, a per-channel-norm DiT at each p's largest
-    c, and at ``size_axis`` the decoder- and encoder-scaled tokenizers (reconstruction only)."""
-    largest = {}
-    for p, c in pcs:
-        largest[p] = max(largest.get(p, 0), c)
-    points = [ScalePoint(p, c, per_channel_norm=c == largest[p]) for p, c in pcs]
-    if size_axis is not None:
-        p, c = size_axis
-        if (p, c) not in set(pcs):
-            points.append(ScalePoint(p, c, generation=False))
-        points += [ScalePoint(p, c, e, d, generation=False) for e, d in DATA_SIZES[1:]]
-    return points
-
-
-def scale_commands(point: ScalePoint, args) -> list[tuple[str, str, str | None]]:
+def scale_commands(point: Point, args) -> list[tuple[str, str, str | None]]:
     """``(what, shell command, file that exists once it is done)`` for one point, in order:
     stage 1 -> reconstruction scores -> encode -> train/dit.py -> sample -> gFID at each CFG."""
     q = shlex.quote
@@ -456,9 +430,9 @@ def scale_commands(point: ScalePoint, args) -> list[tuple[str, str, str | None]]
     return steps
 
 
-def scale_main(args) -> list[ScalePoint]:
+def scale_main(args) -> list[Point]:
     """``--data``: print (or, with ``--run``, run) every point's commands."""
-    points = build_scale_grid(args.pcs, args.size_axis)
+    points = build_grid(args.pcs, args.size_axis, DATA_BASE, DATA_WIDER)
     if args.point is not None:
         if not 0 <= args.point < len(points):
             raise UserError(f"--point must be in [0, {len(points) - 1}] (the grid has "
