@@ -145,7 +145,7 @@ def latents_through_shards(posterior, labels, meta: dict, workdir=None) -> dict:
     """The training latents written as labelled shards + stats.json (the format
     ``python -m vitok_fast.encode`` writes) and read back through the DiT's reader, as a
     real run would."""
-    from vitok_fast.dit import load_latent_set, write_latent_set
+    from vitok_fast.latents import load_latent_set, write_latent_set
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         write_latent_set(tmp, posterior.mean, posterior.logvar, torch.from_numpy(labels),
