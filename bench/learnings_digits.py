@@ -39,17 +39,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import shlex
 import subprocess
-import sys
 import time
 from typing import NamedTuple
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vitok_fast.cli import UserError, run
