@@ -20,9 +20,18 @@ EXTRAS = {
     # Hub ids in ViTok.from_pretrained and push_to_hub; vitok_fast.diffusers.AutoencoderViTok.
     # Both optional: `import vitok_fast` imports neither.
     "hub": ["huggingface_hub>=0.23"],
-    "diffusers": ["diffusers>=0.27", "huggingface_hub>=0.23"],
+    # accelerate: diffusers' group offloading, device_map loads and pipeline CPU offload.
+    "diffusers": ["diffusers>=0.27", "huggingface_hub>=0.23", "accelerate>=0.31"],
+    # bench/peers.py: today's tokenizers as diffusers classes (--against in bench/flops.py,
+    # bench_e2e.py, roofline.py); RAE builds its DINOv2 encoder with transformers.
+    # Not in "dev": transformers 5 requires the PyPI package `kernels`, and where this
+    # checkout's root is on sys.path (python -m pytest from it) our kernels/ folder shadows
+    # that package, so importing transformers - and with it diffusers - fails there.
+    # Without transformers the peers' tests skip RAE with its one-line reason.
+    "peers": ["diffusers>=0.42", "transformers>=5"],
 }
-EXTRAS["dev"] = sorted({dep for deps in EXTRAS.values() for dep in deps} | {"pytest>=8"})
+EXTRAS["dev"] = sorted({dep for name, deps in EXTRAS.items() if name != "peers" for dep in deps}
+                       | {"diffusers>=0.42", "pytest>=8"})
 
 setup(
     name="vitok_fast",

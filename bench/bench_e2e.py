@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -436,6 +437,162 @@ def device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+# -- --against: today's tokenizers side by side (bench/peers.py) ---------------------------
+
+# [issue 19] a short sweep: the best batch of each side is what a user gets.
+AGAINST_BATCHES = {"cuda": {"image": (1, 8, 32), "video": (1, 4)}, "cpu": {"image": (1, 2), "video": (1,)}}
+AGAINST_RESOLUTION = {"cuda": 256, "cpu": 128}
+
+
+def build_peer(peers, peer, device, dtype, compiled: bool, compile_mode: str | None) -> Coder:
+    """A peer with random weights; on a GPU compiled whole (encode and decode), channels_last
+    where it is an image model (cuDNN's fast layout for 2D convolutions)."""
+    model = peers.build(peer, device=device, dtype=dtype)
+    if device.type == "cuda" and peer.kind == "image":
+        model = model.to(memory_format=torch.channels_last)
+    encode = lambda x: peers.encode(peer, model, x)  # noqa: E731
+    decode = lambda z: peers.decode(peer, model, z)  # noqa: E731
+    if compiled:
+        encode = torch.compile(encode, mode=compile_mode)
+        decode = torch.compile(decode, mode=compile_mode)
+    return Coder(peer.name, model, encode, decode, "model" if compiled else "none")
+
+
+def _median_interleaved(fns, device, warmup: int, reps: int, min_seconds: float) -> list[list[float]]:
+    """Seconds per call of each of ``fns``, timed in turns (a, b, a, b, ...) so that a machine
+    shared with other work slows both sides alike; warm-up calls first, never timed."""
+    with torch.no_grad():
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        samples = [[] for _ in fns]
+        while len(samples[0]) < reps or sum(map(sum, samples)) < min_seconds:
+            for fn, out in zip(fns, samples):
+                out += time_calls(fn, device, 0, 1, 0.0, max_reps=1)
+    return samples
+
+
+def run_against(args) -> dict:
+    """Encode + decode of ViTok and each peer on the same pixels, timed in turns, over a
+    short batch sweep; speed ratios beside the MAC ratios of the same run."""
+    import peers  # bench/peers.py: this script's folder is on sys.path when it runs
+
+    device, dtype, cuda = args.device, args.dtype, args.device.type == "cuda"
+    compiled = args.compile != "off"
+    # Off a GPU our Triton kernels only run in the interpreter, a correctness tool: time
+    # ViTok's plain-PyTorch path there.
+    kernels = cuda and not args.no_kernels
+    kind_of_device = "cuda" if cuda else "cpu"
+    resolution = args.against_resolution or AGAINST_RESOLUTION[kind_of_device]
+    batches = {k: (args.batches_given or v) if k == "image" else (args.video_batches_given or v)
+               for k, v in AGAINST_BATCHES[kind_of_device].items()}
+    todo, skipped = [], []
+    for peer in args.against:
+        why = peers.unavailable(peer) or peers.check_resolution(peer, resolution)
+        (skipped.append(why) if why else todo.append(peer))
+    for why in skipped:
+        print(f"skipped {why}")
+    load = os.getloadavg()
+    report = dict(device=device_name(device), torch=torch.__version__, commit=git_commit(),
+                  dtype=str(dtype).replace("torch.", ""), compile=compiled, vitok_kernels=kernels,
+                  threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                  started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  load_average_at_start=list(load), argv=sys.argv[1:],
+                  timing=("interleaved: each timed call of ViTok is followed by one of the peer, "
+                          "median of each; warm-up calls untimed"),
+                  note=("random weights (speed does not depend on them); encode = the latent a "
+                        "generator sees (posterior mean), decode = pixels"), rows=[], best=[],
+                  skipped=skipped)
+    if not cuda:
+        report["shared_machine"] = (f"{os.cpu_count()} CPU cores shared with other work (load "
+                                    f"average {load[0]:.1f} at start): absolute times are "
+                                    "pessimistic; ratios, timed in turns, are the figures to read")
+    import diffusers
+    report["diffusers"] = diffusers.__version__
+    cases = [(p, b) for p in todo for b in batches[p.kind]]
+    bar = tqdm(total=len(cases), desc="against", unit="case")
+    vitoks: dict = {}
+    for peer in todo:
+        frames = peers.frames_for(peer)
+        name = peers.VITOK_REFERENCE[peer.kind]
+        vitok_frames = peers.VITOK_FRAMES if peer.kind == "video" else 1
+        if name not in vitoks:
+            vitoks[name] = build_vitok(name, device, dtype, compiled, args.vitok_compile_scope,
+                                       kernels, args.compile_mode)
+        vitok = vitoks[name]
+        peer_coder = build_peer(peers, peer, device, dtype, compiled, args.compile_mode)
+        counts = peers.count(peer, resolution, frames)
+        vitok_counts = count_vitok(ViTokConfig.from_name(name), resolution, vitok_frames)
+        peer_macs = (counts["macs_encode"] + counts["macs_decode"]) / frames
+        vitok_macs = vitok_counts["total"]["macs"] / vitok_frames
+        for batch in batches[peer.kind]:
+            bar.set_postfix_str(f"{peer.name} b{batch}")
+            row = dict(peer=peer.name, vitok=name, resolution=resolution, peer_frames=frames,
+                       vitok_frames=vitok_frames, batch=batch, kind=peer.kind,
+                       macs_per_frame_peer=peer_macs, macs_per_frame_vitok=vitok_macs,
+                       macs_ratio=peer_macs / vitok_macs)
+            try:
+                x = peers.make_input(peer, resolution, frames, batch, device, dtype)
+                shape = (batch, 3, resolution, resolution) if vitok_frames == 1 else \
+                    (batch, 3, vitok_frames, resolution, resolution)
+                y = torch.rand(*shape, device=device, dtype=dtype) * 2 - 1
+                fns = [lambda: vitok.decode(vitok.encode(y)),
+                       lambda: peer_coder.decode(peer_coder.encode(x))]
+                (tv, tp) = _median_interleaved(fns, device, args.warmup, args.reps, args.min_seconds)
+                v, p = statistics.median(tv), statistics.median(tp)
+                # Per input frame: the clips differ in length (16 frames for ViTok, 17 or 19).
+                row.update(status="ok", vitok_seconds=v, peer_seconds=p, calls=len(tv),
+                           vitok_frames_per_s=batch * vitok_frames / v,
+                           peer_frames_per_s=batch * frames / p)
+                row["speed_ratio"] = row["vitok_frames_per_s"] / row["peer_frames_per_s"]
+            except Exception as e:  # noqa: BLE001 - one failing peer must not end the run
+                row.update(status="oom" if _is_oom(e) else "error",
+                           error=f"{type(e).__name__}: {e}"[:300])
+            finally:
+                x = y = fns = None  # noqa: F841
+                _free(device)
+            report["rows"].append(row)
+            bar.update()
+        del peer_coder
+        _free(device)
+    bar.close()
+    report["load_average_at_end"] = list(os.getloadavg())
+    for peer in todo:
+        ok = [r for r in report["rows"] if r["peer"] == peer.name and r["status"] == "ok"]
+        if ok:
+            bv = max(ok, key=lambda r: r["vitok_frames_per_s"])
+            bp = max(ok, key=lambda r: r["peer_frames_per_s"])
+            report["best"].append(dict(
+                peer=peer.name, vitok=bv["vitok"], kind=peer.kind, resolution=resolution,
+                vitok_best_batch=bv["batch"], vitok_frames_per_s=bv["vitok_frames_per_s"],
+                peer_best_batch=bp["batch"], peer_frames_per_s=bp["peer_frames_per_s"],
+                speed_ratio=bv["vitok_frames_per_s"] / bp["peer_frames_per_s"],
+                macs_ratio=bv["macs_ratio"]))
+    print(markdown_against(report))
+    if cuda or args.write_cpu:
+        stem = "peers_cpu" if not cuda else f"peers_{_slug(report['device'])}"
+        path = args.out_dir / f"{stem}.json"
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: Path(p).write_text(json.dumps(report, indent=1) + "\n"))
+        print(f"wrote {path}")
+    return report
+
+
+def markdown_against(report: dict) -> str:
+    lines = [f"{report['device']}, {report['dtype']}, compile {'on' if report['compile'] else 'off'}; "
+             "encode + decode, per input frame, best batch of each side:", "",
+             "| peer | input | ViTok | ViTok frames/s (batch) | peer frames/s (batch) | "
+             "ViTok speed / peer | peer MACs / ViTok |", "|---|---|---|---|---|---|---|"]
+    for b in report["best"]:
+        lines.append(f"| {b['peer']} | {b['resolution']}p {b['kind']} | {b['vitok']} | "
+                     f"{b['vitok_frames_per_s']:.2f} ({b['vitok_best_batch']}) | "
+                     f"{b['peer_frames_per_s']:.2f} ({b['peer_best_batch']}) | "
+                     f"{b['speed_ratio']:.2f}x | {b['macs_ratio']:.2f}x |")
+    failed = [r for r in report["rows"] if r["status"] != "ok"]
+    lines += [f"{r['peer']} batch {r['batch']}: {r['status']} {r.get('error', '')}" for r in failed]
+    return "\n".join(lines)
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -483,6 +640,12 @@ def parse_args(argv=None):
     ap.add_argument("--fresh", action="store_true",
                     help="ignore the rows of an existing JSON instead of continuing it")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--against", default=None, metavar="NAME[,NAME...]",
+                    help="instead: ViTok against today's tokenizers (bench/peers.py ids, or images, "
+                    "videos, all), encode+decode timed in turns; writes peers_<device>.json "
+                    "(on the CPU with --write-cpu)")
+    ap.add_argument("--against-resolution", type=int, default=None,
+                    help="input side for --against (default 256 on a GPU, 128 on the CPU)")
     args = ap.parse_args(argv)
     args.device = torch.device(args.device)
     cuda = args.device.type == "cuda"
@@ -502,6 +665,7 @@ def parse_args(argv=None):
             ap.error(f"--{name} must be {'positive' if name == 'reps' else '>= 0'}, got {getattr(args, name)}")
     preset = TINY if args.tiny else GPU
     try:
+        args.batches_given, args.video_batches_given = _ints(args.batches), _ints(args.video_batches)
         args.resolutions = _ints(args.resolutions) or preset.resolutions
         args.batches = _ints(args.batches) or preset.batches
         args.video_batches = _ints(args.video_batches) or preset.video_batches
@@ -520,6 +684,14 @@ def parse_args(argv=None):
     if args.no_video:
         args.video_models = []
     args.preset = preset
+    if args.against is not None:
+        import peers  # bench/peers.py: this script's folder is on sys.path when it runs
+        try:
+            args.against = peers.select(args.against)
+        except ValueError as e:
+            ap.error(f"--against: {e}")
+        if args.against_resolution is not None and (args.against_resolution <= 0 or args.against_resolution % 64):
+            ap.error(f"--against-resolution must be a positive multiple of 64, got {args.against_resolution}")
     return args
 
 
@@ -672,7 +844,8 @@ def run(args, argv=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    return run(parse_args(argv), argv)
+    args = parse_args(argv)
+    return run_against(args) if args.against is not None else run(args, argv)
 
 
 if __name__ == "__main__":

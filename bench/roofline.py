@@ -58,6 +58,9 @@ ANCHORS = {
                            "datasheet; 1979 with 2:4 sparsity)"),
     "hbm_tbps": (3.35, "H100 SXM5 HBM3 bandwidth (NVIDIA H100 Tensor Core GPU datasheet)"),
 }
+# Dense BF16 tensor-core peak (TFLOP/s) and HBM bandwidth (TB/s), from NVIDIA's datasheets
+# (H100 SXM5: 989.4, 3.35; H200 SXM: the same compute, HBM3e 4.8).
+GPUS = {"h100": (989.4, 3.35), "h200": (989.4, 4.8)}
 FUSED_OPS = ("rms_norm", "add_rms_norm", "swiglu_packed", "rope_3d_qk", "tubelet_embed",
              "tubelet_unembed")
 _FLOPS = FlopCounterMode(display=False).flop_registry
@@ -193,8 +196,9 @@ def _fused_function(trace: Trace, name: str, ref):
 
 
 @contextlib.contextmanager
-def _patched(trace: Trace, fused: bool):
-    """Attention as one op in every path; our fused ops as one op each in the fused path."""
+def _patched(trace: Trace, fused: bool, any_attention: bool = False):
+    """Attention as one op in every path; our fused ops as one op each in the fused path.
+    ``any_attention``: masked and causal calls too (the peers' attention, flash-style)."""
     from vitok_fast import kernels as K
     from vitok_fast import ops
 
@@ -203,7 +207,12 @@ def _patched(trace: Trace, fused: bool):
 
     fused_sdpa = _fused_function(trace, "attention", lambda q, k, v, scale: sdpa(q, k, v, scale=scale))
 
+    masked_sdpa = _fused_function(trace, "attention", lambda q, k, v, mask, causal, scale: sdpa(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale))
+
     def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if any_attention and not dropout_p and not kw:
+            return masked_sdpa(q, k, v, attn_mask, is_causal, scale)
         if attn_mask is not None or dropout_p or is_causal or kw:  # not ViTok's or SD-VAE's call
             raise NotImplementedError("roofline models unmasked attention without dropout")
         return fused_sdpa(q, k, v, scale)
@@ -263,6 +272,88 @@ def trace_sd_vae(batch, resolution, frames) -> list[dict]:
     with _patched(trace, False), trace, torch.no_grad():
         vae.decode(vae.encode(x).latent_dist.mode()).sample
     return trace.ops
+
+
+def trace_peer(peers, peer, batch, resolution, frames) -> list[dict]:
+    """One encode + decode of a bench/peers.py tokenizer, eager, bf16, its attention fused."""
+    model = peers.build(peer, dtype=torch.bfloat16)
+    x = peers.make_input(peer, resolution, frames, batch, dtype=torch.bfloat16)
+    trace = Trace()
+    with _patched(trace, False, any_attention=True), trace, torch.no_grad(), torch.device("meta"):
+        peers.decode(peer, model, peers.encode(peer, model, x))
+    return trace.ops
+
+
+def against(selected, resolution, batch, peak_tflops, hbm_tbps, progress=True) -> dict:
+    """Each peer's modelled encode+decode time per input frame beside ViTok's fused path
+    (S-B/16 for images, S-B/4x8 on 16 frames for videos): a MODEL, not a measurement."""
+    import peers  # bench/peers.py: this script's folder is on sys.path when it runs
+    from vitok_fast.config import ViTokConfig
+
+    peak, bw = peak_tflops * 1e12, hbm_tbps * 1e12
+    rows, skipped, vitok = [], [], {}
+    try:
+        from tqdm import tqdm
+        it = tqdm(selected, desc="tracing", disable=not progress, file=sys.stderr)
+    except ImportError:
+        it = selected
+    for peer in it:
+        why = peers.unavailable(peer) or peers.check_resolution(peer, resolution)
+        if why:
+            skipped.append(why)
+            continue
+        name = peers.VITOK_REFERENCE[peer.kind]
+        vframes = peers.VITOK_FRAMES if peer.kind == "video" else 1
+        if name not in vitok:
+            vitok[name] = {}
+            for path, fused in (("eager", False), ("fused", True)):
+                ops = trace_vitok(ViTokConfig.from_name(name), batch, resolution, vframes, fused, False)
+                vitok[name][path] = {k: v / vframes for k, v in summarize(ops, batch, peak, bw).items()
+                                     if k != "ops"}
+        frames = peers.frames_for(peer)
+        try:
+            ops = trace_peer(peers, peer, batch, resolution, frames)
+        except RuntimeError as e:  # e.g. CogVideoX splits a conv's input over time above 2 GiB,
+            # and at large batches the pieces get shorter than its kernel
+            skipped.append(f"{peer.name}: fails at batch {batch} ({str(e).splitlines()[0][:120]}); "
+                           f"try a smaller --batch")
+            continue
+        s = summarize(ops, batch, peak, bw)
+        per = {k: s[k] / frames for k in ("flops", "bytes", "predicted_s")}
+        v = vitok[name]
+        rows.append({"name": peer.name, "kind": peer.kind, "resolution": resolution, "frames": frames,
+                     "vitok": name, "vitok_frames": vframes, "per": "input frame",
+                     "flops": per["flops"], "bytes": per["bytes"], "predicted_s": per["predicted_s"],
+                     "vitok_eager_predicted_s": v["eager"]["predicted_s"],
+                     "vitok_predicted_s": v["fused"]["predicted_s"],
+                     # Like for like: both eager (every op its own kernel, attention fused).
+                     "predicted_speed_ratio_eager": per["predicted_s"] / v["eager"]["predicted_s"],
+                     "predicted_speed_ratio_vitok_over_peer": per["predicted_s"] / v["fused"]["predicted_s"],
+                     "mac_ratio_peer_over_vitok": per["flops"] / v["eager"]["flops"],
+                     "top_ops": s["ops"][:3]})
+    return {"note": "a roofline MODEL (max(FLOPs/peak, bytes/bandwidth) per op), not a measurement",
+            "batch": batch, "dtype": "bfloat16", "resolution": resolution,
+            "anchors": {"peak_tflops": peak_tflops, "hbm_tbps": hbm_tbps},
+            "rows": rows, "skipped": skipped}
+
+
+def format_against(r: dict) -> str:
+    lines = [f"Roofline MODEL (predicted, not measured), {r['resolution']}x{r['resolution']}, bf16, "
+             f"batch {r['batch']}, anchors {r['anchors']['peak_tflops']} TFLOP/s and "
+             f"{r['anchors']['hbm_tbps']} TB/s; per input frame:", "",
+             "| peer | frames | peer eager us/frame | ViTok | eager / fused us/frame | "
+             "predicted ViTok speed / peer, eager / fused | MACs peer / ViTok |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['name']} | {row['frames']} | {1e6 * row['predicted_s']:.1f} | {row['vitok']} | "
+                     f"{1e6 * row['vitok_eager_predicted_s']:.1f} / {1e6 * row['vitok_predicted_s']:.1f} | "
+                     f"{row['predicted_speed_ratio_eager']:.2f}x / {row['predicted_speed_ratio_vitok_over_peer']:.2f}x"
+                     f" | {row['mac_ratio_peer_over_vitok']:.2f}x |")
+    lines += ["", "Peers are traced eager (each aten op its own kernel; attention one fused op); a "
+              "compiled peer would fuse its norms and activations, so the fused ViTok column "
+              "flatters ViTok: the eager column compares like with like."]
+    lines += [f"skipped {why}" for why in r["skipped"]]
+    return "\n".join(lines)
 
 
 def summarize(ops: list[dict], batch: int, peak_flops: float, bandwidth: float) -> dict:
@@ -369,13 +460,36 @@ def parse_args(argv=None):
                     help=f"HBM bandwidth, TB/s (default {ANCHORS['hbm_tbps'][0]}: {ANCHORS['hbm_tbps'][1]})")
     ap.add_argument("--top", type=int, default=8, help="ops listed per path (default 8)")
     ap.add_argument("--json", metavar="PATH", default=None, help="also write the model as JSON ('-': stdout)")
-    return ap.parse_args(argv)
+    ap.add_argument("--against", default=None, metavar="NAME[,NAME...]",
+                    help="instead: each of today's tokenizers (bench/peers.py ids, or images, videos, "
+                    "all) beside ViTok, per input frame, at --resolution (default 256)")
+    ap.add_argument("--gpu", choices=sorted(GPUS), default=None,
+                    help="anchors of a named GPU instead of --peak-tflops / --hbm-tbps")
+    args = ap.parse_args(argv)
+    if args.gpu:
+        args.peak_tflops, args.hbm_tbps = GPUS[args.gpu]
+    return args
 
 
 def main(argv=None) -> int:
     from vitok_fast.config import ViTokConfig
 
     args = parse_args(argv)
+    if args.against is not None:
+        import peers  # bench/peers.py: this script's folder is on sys.path when it runs
+        selected = peers.select(args.against)  # ValueError -> one-line error listing the ids
+        resolution = args.resolution or 256
+        if resolution <= 0 or resolution % 64 or args.batch <= 0:
+            raise UserError(f"--resolution must be a positive multiple of 64 and --batch positive "
+                            f"with --against, given {resolution} and {args.batch}")
+        result = against(selected, resolution, args.batch, args.peak_tflops, args.hbm_tbps,
+                         progress=args.json != "-")
+        if args.json != "-":
+            print(format_against(result))
+        if args.json:
+            text = json.dumps(result, indent=1)
+            print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+        return 0
     config = ViTokConfig.from_name(args.model)  # ValueError -> one-line error
     frames = args.frames if args.frames is not None else (16 if config.is_video else 1)
     resolution = args.resolution if args.resolution is not None else (128 if config.is_video else 256)

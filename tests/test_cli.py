@@ -2,6 +2,7 @@
 decode round-trip files, and every bad input gets an error that names what was expected."""
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -143,9 +144,15 @@ def test_encode_then_decode_round_trips_and_resumes(ckpt, tmp_path):
     assert decode.main([*common, "--latents", str(latents), "--out", str(decoded)]) == n
 
     model = ViTok.from_pretrained(ckpt, use_kernels=False).eval()
+    # each output is named after its source (decode.json pairs them), in item order
+    written = json.loads((decoded / "decode.json").read_text())["items"]
+    sources = [p for s in json.loads((latents / "index.json").read_text())["shards"]
+               for p in s["paths"]]
+    assert [w["source"] for w in written] == sources and len(set(sources)) == n
     for i, x in enumerate(items):
         expected = M.quantize(model.decode(model.encode(x[None]).mean))[0]
-        got = torch.from_numpy(np.array(Image.open(decoded / f"{i:06d}.png"))).permute(2, 0, 1)
+        assert written[i]["output"] == Path(sources[i]).name + ".png"  # skimage.data.<name>
+        got = torch.from_numpy(np.array(Image.open(decoded / written[i]["output"]))).permute(2, 0, 1)
         assert (expected.int() - got.int()).abs().max() <= 1  # fp32 stored latents
 
     # an interrupted run (last shard lost, index not complete) resumes to the same files

@@ -3,6 +3,7 @@ and gFID command lines, and a short run of bench/generation_digits.py."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vitok_fast import metrics as M
 from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm
@@ -141,13 +143,21 @@ def test_sample_cli_writes_pngs_and_an_npz_and_gfid_scores_them(smoke_run, tmp_p
 
     out, _ = smoke_run
     samples = tmp_path / "samples"
-    sample.main(["--dit", str(out), "--classes", "0,1", "--per-class", "2", "--steps", "3",
-                 "--out", str(samples), "--no-kernels", "--device", "cpu"])
-    assert sorted(p.name for p in samples.glob("*.png")) == [
-        "0000_0000.png", "0000_0001.png", "0001_0000.png", "0001_0001.png"]
+    # class names (the smoke latents' "even"/"odd") and indices mix
+    result = sample.main(["--dit", str(out), "--classes", "even,1", "--per-class", "2",
+                          "--steps", "3", "--out", str(samples), "--no-kernels", "--device", "cpu"])
+    assert sorted(p.relative_to(samples).as_posix() for p in samples.rglob("*.png")) == [
+        "even/0000.png", "even/0001.png", "grid.png", "odd/0000.png", "odd/0001.png"]
     data = np.load(samples / "samples.npz")
     assert data["pixels"].shape == (4, 32, 32, 3) and data["pixels"].dtype == np.uint8
     assert data["labels"].tolist() == [0, 0, 1, 1]
+    record = json.loads((samples / "sample.json").read_text())
+    assert record["resolution"] == 32 and record["classes"] == ["even", "odd"] == result["classes"]
+    assert [f["class"] for f in record["files"]] == ["even", "even", "odd", "odd"]
+    grid = np.asarray(Image.open(samples / "grid.png"))
+    # two rows of two 32 px samples, a label strip on the left holding dark text
+    assert grid.shape[0] == 64 and grid.shape[1] > 64
+    assert grid[:, : grid.shape[1] - 64].min() < 128
 
     weights = M.save_random_inception(tmp_path / M.INCEPTION_FILE)
     ref = tmp_path / "ref.npz"
@@ -166,7 +176,31 @@ def test_sample_cli_rejects_a_class_the_dit_does_not_have(smoke_run, tmp_path):
                            "--classes", "0,7", "--steps", "2", "--out", str(tmp_path / "x"),
                            "--no-kernels"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
-    assert proc.stderr.splitlines()[-1].startswith("error: --classes must name classes in [0, 1]")
+    assert proc.stderr.splitlines()[-1].startswith("error: --classes expects comma-separated "
+                                                   "class names even, odd or indices in [0, 1]")
+    assert "got 7" in proc.stderr
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    (["--steps", "5000"], "argument --steps: expected at most the 1000 timesteps"),
+    (["--cfg", "-2"], "argument --cfg: expected a number >= 0, got -2"),
+    (["--classes", "cow"], "--classes expects comma-separated class names even, odd"),
+])
+def test_sample_checks_every_option_before_a_model_loads(smoke_run, tmp_path, monkeypatch, bad,
+                                                         expected):
+    from vitok_fast import sample
+    from vitok_fast.cli import UserError
+    from vitok_fast.model import ViTok
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(DiT, "from_pretrained", no_loading)
+    monkeypatch.setattr(ViTok, "from_pretrained", no_loading)
+    out, _ = smoke_run
+    with pytest.raises(UserError, match=re.escape(expected)):
+        sample.main(["--dit", str(out), "--out", str(tmp_path / "x"), "--device", "cpu", *bad])
 
 
 @pytest.mark.slow(reason="trains a ViTok and a DiT on the digits (~70 s on 2 shared cores)")
@@ -206,3 +240,24 @@ def test_latents_encoded_from_class_folders_load_with_their_labels(smoke_run, tm
     assert latents["mean"].shape == (6, 16, 4, 4)
     z = LatentNorm(latents["stats"]).normalize(latents["mean"]).double()
     assert abs(z.mean().item()) < 1e-5 and abs(z.std(unbiased=False).item() - 1) < 1e-4
+
+
+def test_dit_model_that_does_not_tile_the_latent_grid_fails_before_anything_loads(smoke_run,
+                                                                                 tmp_path):
+    from vitok_fast.cli import UserError
+
+    train_dit = load_script("train/dit.py")
+    out, _ = smoke_run
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"--model DiT-T/3 has patch size 3, which does not tile "
+                                        r"the 4x4 latent grid .*e\.g\. DiT-T/2"):
+        train_dit.main(["--latents", str(out / "smoke" / "latents"), "--model", "DiT-T/3",
+                        "--out-dir", str(run_dir), "--no-kernels"])
+    assert not run_dir.exists()  # no run folder left behind
+
+
+def test_run_metadata_holds_absolute_paths(smoke_run):
+    out, _ = smoke_run
+    info = json.loads((out / "latents.json").read_text())
+    assert Path(info["vitok"]).is_absolute() and Path(info["latents"]).is_absolute()
+    assert Path(info["vitok"]).is_dir() and info["resolution"] == 32

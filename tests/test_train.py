@@ -84,8 +84,8 @@ def test_folder_with_corrupt_files_trains_and_reports_two_skipped(tmp_path):
     data = _folder_with_bad_files(tmp_path / "data")
     out = stage1.main(_args(tmp_path / "run", "--data", data, "--max-steps", 2,
                             "--global-batch-size", 4, "--micro-batch-size", 2,
-                            "--num-workers", 2, "--lpips-weight", 0))
-    assert out["step"] == 2 and out["skipped"] == 2
+                            "--num-workers", 2, "--lpips-weight", 0, "--val-data", ""))
+    assert out["step"] == 2 and out["skipped"] == 2  # no held-out slice: all 6 files train
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[-1]["data/skipped_files"] == 2
 

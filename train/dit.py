@@ -1,7 +1,7 @@
 """Class-conditional DiT on ViTok latents (the paper's generation experiments, Section 3.3).
 
-    python -m vitok_fast.encode --ckpt runs/s2 --data /data/imagenet/train --out latents/in256
-    torchrun --nproc_per_node 8 train/dit.py --latents latents/in256 --vitok runs/s2 --compile
+    python -m vitok_fast.encode --ckpt runs/stage2-S-B_16 --data /data/imagenet/train --out latents/in256
+    torchrun --nproc_per_node 8 train/dit.py --latents latents/in256 --vitok runs/stage2-S-B_16 --compile
     python train/dit.py --smoke                                 # tiny CPU run, ~1 minute
 
 [DiT, paper] DDPM epsilon-prediction with 1000 linear-beta steps, AdamW lr 1e-4 constant, no
@@ -94,7 +94,37 @@ def parse_args(argv=None):
     if args.latents is None and not args.smoke:
         raise UserError("--latents is required: a directory written by python -m vitok_fast.encode "
                         "(or pass --smoke for a tiny run on made-up latents)")
+    check_model_fits(args.model, args.latents, p)
     return args
+
+
+def check_model_fits(name: str, latents, parser) -> None:
+    """``--model`` names a DiT whose patch tiles the latent grid of ``--latents`` (read from
+    its index.json, before any latent or model loads)."""
+    try:
+        DiTConfig.from_name(name)
+    except ValueError as e:
+        parser.error(f"argument --model: {e}")
+    index_path = Path(latents) / "index.json" if latents else None
+    if index_path is None or not index_path.is_file():
+        return  # --smoke makes its own; load_latent_set names a missing index
+    index = json.loads(index_path.read_text())
+    if not index.get("shards"):
+        return
+    from safetensors import safe_open
+
+    try:  # the shard's header holds the shape: no latent is read
+        with safe_open(str(Path(latents) / index["shards"][0]["file"]), framework="pt") as f:
+            grid = f.get_slice("mean").get_shape()[-1]
+    except Exception:  # noqa: BLE001 -- a bad shard: load_latent_set names it
+        return
+    patch = DiTConfig.from_name(name).patch_size
+    if grid % patch:
+        fits = [k for k in range(1, grid + 1) if grid % k == 0]
+        raise UserError(f"--model {name} has patch size {patch}, which does not tile the "
+                        f"{grid}x{grid} latent grid of --latents {latents}; use a patch size "
+                        f"among {fits}, e.g. "
+                        f"{name.rpartition('/')[0]}/{max(k for k in fits if k < patch)}")
 
 
 def smoke_latents(out: Path, seed: int) -> tuple[Path, Path]:
@@ -165,7 +195,11 @@ def train(argv, stop: StopOnSignal) -> dict:
     resume_from, state = run.resume()
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
-        info = {"latents": str(args.latents), "vitok": args.vitok, "stats": latents["stats"],
+        # absolute paths: python -m vitok_fast.sample finds them from any directory
+        info = {"latents": str(Path(args.latents).resolve()),
+                "vitok": str(Path(args.vitok).resolve()) if args.vitok else None,
+                "resolution": latents["index"].get("resolution"),
+                "frames": latents["index"].get("frames"), "stats": latents["stats"],
                 "per_channel_norm": args.per_channel_norm, "latent_shape": list(latent_shape),
                 "classes": classes}
         atomic_write(out_dir / LATENT_FILE,
@@ -202,7 +236,8 @@ def train(argv, stop: StopOnSignal) -> dict:
     # 6 x params x tokens per sample, the usual transformer estimate (adaLN counted in full)
     tokens = latent_shape[-1] * latent_shape[-2] * (latent_shape[1] if len(latent_shape) == 4 else 1)
     run.begin(step, "DiT",
-              f"{config.name}: {n_params / 1e6:.1f}M params on latents {latent_shape} "
+              f"{config.name}: {n_params / 1e6:.1f}M params on latents {latent_shape} of "
+              f"{latents['index'].get('resolution', '?')} px images "
               f"({len(latents['mean'])} items, {num_classes} classes) | {dist.world} "
               f"rank(s) x {args.micro_batch_size} x {accum} accum = "
               f"{args.global_batch_size} per step | "
@@ -232,7 +267,8 @@ def train(argv, stop: StopOnSignal) -> dict:
                                       steps=args.sample_steps, cfg=args.cfg if classes else 1.0,
                                       generator=gen, device=device)
         pixels = decode_samples(vitok, norm.denormalize(z.float()))
-        save_sample_grid(out_dir / "samples" / f"step_{step:08d}.png", pixels, rows)
+        save_sample_grid(out_dir / "samples" / f"step_{step:08d}.png", pixels, rows,
+                         labels=classes[:rows] if classes else ["unlabelled"])
 
     # -- the loop ----------------------------------------------------------------------------
     model.train()

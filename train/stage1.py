@@ -105,7 +105,7 @@ def train(argv, stop: StopOnSignal) -> dict:
             save_grid(out_dir / "samples" / f"step_{step:08d}.png", val_batch, recon)
             logger.log(step, {"val/psnr": value})
             logger.print(f"step {step}: held-out PSNR {value:.2f} dB "
-                         f"({len(val_batch)} samples of {args.val_data})")
+                         f"({len(val_batch)} samples of {args.heldout})")
             logger.plot()
 
     # -- the loop ----------------------------------------------------------------------------

@@ -7,6 +7,9 @@ A checkpoint is a directory ``<run>/step_00001000/`` holding
   ema/                             stage 2: the model with the EMA decoder (use it to evaluate)
   train_state.pt                   optimizer(s), scheduler(s), step, RNG states of every rank,
                                    data position, skip counters, the run's arguments
+  training.json                    the resolution, frames, step and data trained on, small:
+                                   the tools default their --resolution to it
+                                   (:func:`training_settings`)
 
 Atomicity: everything is written into a hidden temporary directory next to the final one
 (each file through ``atomic_write``: temp file, fsync, rename), then the directory is renamed
@@ -20,13 +23,14 @@ that does not read. ``--resume auto`` then falls back to the newest checkpoint t
 and says which; an explicit ``--resume PATH`` stops with the file's name instead.
 
 :func:`resolve_ckpt` turns what a user passes as ``--ckpt`` (a model folder, a run, a folder
-holding one model) into the model folder; every command and train/dit.py use it.
+holding one model) into the model folder; every command and train/dit.py use it, and
+``from_pretrained`` takes the same paths (vitok_fast/pretrained.py's ``model_folder``).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -36,10 +40,12 @@ import torch
 
 from vitok_fast.faults import kill_point
 from vitok_fast.fileio import atomic_write
-from vitok_fast.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from vitok_fast.pretrained import CONFIG_FILE, STATE_FILE, STEP_DIR, WEIGHTS_FILE, model_folder
 
-STATE_FILE = "train_state.pt"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_STEP_DIR = STEP_DIR
+# What a checkpoint was trained on (resolution, frames, stage, step), small enough to read
+# without the train state: the tools default their --resolution / --frames to it.
+TRAINING_FILE = "training.json"
 
 
 def step_dir_name(step: int) -> str:
@@ -76,6 +82,10 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, state: dict, *,
             extra.save_pretrained(tmp / sub)
             _fsync_dir(tmp / sub)
         atomic_write(tmp / STATE_FILE, lambda path: torch.save(state, path))
+        settings = _settings_of(state)
+        if settings:
+            atomic_write(tmp / TRAINING_FILE,
+                         lambda path: Path(path).write_text(json.dumps(settings, indent=2) + "\n"))
         _fsync_dir(tmp)
         final = run_dir / name
         if final.exists():  # the same step saved again (e.g. after a resume): swap it out
@@ -240,32 +250,49 @@ def load_resume(spec: str | None, run_dir, verbose: bool = True,
     return None, None
 
 
-def resolve_ckpt(path) -> Path:
+def resolve_ckpt(path, quiet: bool = False) -> Path:
     """A save_pretrained directory; a training run directory (its latest checkpoint, the
     EMA weights where stage 2 saved them); or a folder holding exactly one model folder.
 
     Training checkpoints keep the model's save_pretrained folder inside (next to optimizer
     state); pointing at the outer folder is the common slip, so it is resolved when
-    unambiguous and otherwise answered with the candidates.
+    unambiguous (and said on stderr unless ``quiet``) and otherwise answered with the
+    candidates. :func:`vitok_fast.pretrained.model_folder` does the choosing, so
+    ``ViTok.from_pretrained`` takes the same paths.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--ckpt expects a checkpoint directory written by save_pretrained, "
                                 f"got {path}, which is not a directory")
-    if (path / CONFIG_FILE).is_file():
-        return path
-    latest = latest_checkpoint(path)  # a training run directory: its latest checkpoint,
-    if latest is not None:           # with the stage-2 EMA weights where there are some
-        chosen = latest / "ema" if (latest / "ema" / CONFIG_FILE).is_file() else latest
-        print(f"using the latest checkpoint of the run: {chosen}", file=sys.stderr)
-        return chosen
-    found = sorted({c.parent for c in path.glob(f"*/{CONFIG_FILE}")} |
-                   {c.parent for c in path.glob(f"*/*/{CONFIG_FILE}")})
-    found = [f for f in found if (f / WEIGHTS_FILE).is_file()]
-    if len(found) == 1:
-        print(f"using the model checkpoint {found[0]}", file=sys.stderr)
-        return found[0]
-    if len(found) > 1:
-        raise ValueError(f"{path} holds several model checkpoints; pass one of: "
-                         f"{', '.join(map(str, found))}")
-    return path  # from_pretrained names the missing config.json / model.safetensors
+    chosen, note = model_folder(path)
+    if note and not quiet:
+        print(note, file=sys.stderr)
+    return chosen  # from_pretrained names a missing config.json / model.safetensors
+
+
+def _settings_of(state: dict) -> dict | None:
+    args = state.get("args") if isinstance(state, dict) else None
+    if not isinstance(args, dict) or args.get("resolution") is None:
+        return None
+    return {"resolution": args["resolution"], "frames": args.get("frames") or 1,
+            "step": state.get("step"), "data": args.get("data")}
+
+
+def training_settings(model_dir) -> dict | None:
+    """What the checkpoint in ``model_dir`` was trained on: ``resolution``, ``frames``,
+    ``step``, ``data``, from its ``training.json`` (or, for checkpoints written before
+    that file, the arguments in its ``train_state.pt``); an ``ema/`` folder answers for its
+    checkpoint. None for a bare model folder (save_pretrained, the Hub)."""
+    model_dir = Path(model_dir)
+    for folder in (model_dir, model_dir.parent) if model_dir.name == "ema" else (model_dir,):
+        if (folder / TRAINING_FILE).is_file():
+            try:
+                return json.loads((folder / TRAINING_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+        if (folder / STATE_FILE).is_file():
+            try:
+                return _settings_of(load_state(folder))
+            except Exception:  # a damaged state: the tool falls back to the defaults
+                return None
+    return None

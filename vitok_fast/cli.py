@@ -10,6 +10,10 @@ Options are checked while they are parsed, before any work starts: every tool bu
 parser with :class:`ArgumentParser` (whose own errors, such as an unknown choice or a missing
 required option, are a ``UserError`` too, so they read like every other error) and gives
 each option one of the ``type=`` validators below (``positive_int``, ``existing_file``, ...).
+
+A tool that takes a ViTok checkpoint opens it with :func:`load_vitok`: the model, the size
+it runs at (the checkpoint's training resolution unless given, :func:`input_size`) checked
+against it, and the tool's first line on stderr saying both.
 """
 
 from __future__ import annotations
@@ -200,3 +204,75 @@ def check_sizes(config, *, resolution=None, frames=None, tile=None, overlap=None
     if overlap is not None and (overlap % p or overlap >= tile):
         raise UserError(f"--overlap must be a multiple of the patch size {p} and smaller than "
                         f"--tile {tile}, got {overlap}")
+
+
+# -- the ViTok a tool opens, and the size it runs at --------------------------------------
+
+
+def input_size(config, trained: dict | None, resolution=None, frames=None) -> dict:
+    """The ``resolution`` and ``frames`` a tool runs ``config`` at: the given ones, else the
+    checkpoint's training setting (``trained``, from :func:`checkpoint.training_settings`),
+    else the paper's defaults (256 px images, 16 x 128 px videos). Returns them with
+    ``trained_resolution`` / ``trained_frames`` (None when not recorded) and ``size_source``:
+    "checkpoint", "given" or "default"."""
+    video = config.is_video
+    t_res = trained.get("resolution") if trained else None
+    t_frames = (trained.get("frames") or 1) if trained else None
+    if resolution is None and frames is None:
+        source = "checkpoint" if t_res else "default"
+    else:
+        source = "given"
+    res = resolution or t_res or (128 if video else 256)
+    fr = frames or (t_frames if t_res else None) or (16 if video else 1)
+    return {"resolution": res, "frames": fr, "trained_resolution": t_res,
+            "trained_frames": t_frames, "size_source": source}
+
+
+def describe_size(size: dict, given: str = "given") -> str:
+    """``64 px (its training resolution)`` and the like, for a tool's first line; ``given``
+    names where a size not from the checkpoint came from."""
+    what = f"{size['resolution']} px" + (f" x {size['frames']} frames" if size["frames"] > 1 else "")
+    trained = size["trained_resolution"]
+    trained_what = (f"{trained} px" + (f" x {size['trained_frames']} frames"
+                                       if (size["trained_frames"] or 1) > 1 else "")) if trained else None
+    if size["size_source"] == "checkpoint":
+        return f"{what} (its training resolution)"
+    if size["size_source"] == "default":
+        return f"{what} (the default: the checkpoint records no training resolution; " \
+               f"set --resolution)"
+    if trained and (size["resolution"], size["frames"]) != (trained, size["trained_frames"]):
+        return f"{what} ({given}; NOT the training resolution {trained_what})"
+    return f"{what} ({given}" + ("; the training resolution)" if trained else ")")
+
+
+def load_vitok(spec, tool: str, *, device="cpu", no_kernels: bool = False, resolution=None,
+               frames=None, tile=None, overlap=None, verbose: bool = True,
+               native: Callable | None = None, given: str = "given"):
+    """The ViTok of ``--ckpt spec`` (a model folder, a checkpoint, a run directory) for a
+    command: returns ``(model, model folder, size)`` where ``size`` is :func:`input_size`.
+    The sizes are checked against the model (:func:`check_sizes`), then the command's first
+    line goes to stderr, naming the model, the folder it came from and the size it runs at.
+    ``native(size)`` true (reconstruct) keeps inputs at their own size: ``size["resolution"]``
+    is then None. ``given`` says where a ``resolution`` passed in came from."""
+    from vitok_fast.checkpoint import resolve_ckpt, training_settings
+    from vitok_fast.model import ViTok
+    from vitok_fast.pretrained import model_folder
+
+    folder = resolve_ckpt(spec, quiet=True)
+    _, note = model_folder(spec)
+    model = ViTok.from_pretrained(folder, device=device,
+                                  **({"use_kernels": False} if no_kernels else {}))
+    size = input_size(model.config, training_settings(folder), resolution, frames)
+    said = describe_size(size, given)
+    if native is not None and native(size):
+        said = "each input's own size, centre-cropped to whole patches" + (
+            "" if size["size_source"] != "default" else
+            " (the checkpoint records no training resolution; set --resolution to resize)")
+        size["resolution"] = None
+    check_sizes(model.config, resolution=size["resolution"], frames=frames, tile=tile,
+                overlap=overlap)
+    where = f"{folder} (the latest checkpoint of the run {spec})" if note and "latest" in note \
+        else str(folder)
+    if verbose:  # rank 0 of a sharded run
+        print(f"{tool}: ViTok {model.config.name} from {where} at {said}", file=sys.stderr)
+    return model, folder, size

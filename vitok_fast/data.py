@@ -125,7 +125,7 @@ def _make_dataset(source, resolution, frames, *, frame_stride, train, seed):
     if not path.is_dir():
         raise FileNotFoundError(f"data source {source!r} is neither a directory, a video file, a "
                                 f"tar pattern like 'shards/{{000..099}}.tar', nor 'embedded'")
-    images, videos = _scan(path, IMAGE_EXTS), _scan(path, VIDEO_EXTS)
+    images, videos = scan_files(path, IMAGE_EXTS), scan_files(path, VIDEO_EXTS)
     if frames == 1 and images:
         return ImageFolder(images, **common, **class_labels(path, images))
     if videos:
@@ -363,7 +363,31 @@ class VideoClips(_Items):
         return to_tensor(frames, crop_box(*frames[0].size, rng), self.resolution, flip=False)
 
 
-def _scan(root: Path, exts) -> list[Path]:
+def split_heldout(dataset, fraction: float = 0.01, minimum: int = 4):
+    """``(training part, held-out part)`` of a folder dataset (ImageFolder, VideoClips): a
+    fixed slice of ``fraction`` of its files, at least ``minimum`` (at most half), taken evenly
+    spaced through the sorted file list, so that every class of a class-folder layout is in
+    it; the training part never sees those files. ``(dataset, None)`` for other datasets.
+    The held-out part evaluates (``train=False``, centre crops)."""
+    files = getattr(dataset, "files", None)
+    if not isinstance(dataset, (ImageFolder, VideoClips)) or not files or len(files) < 2:
+        return dataset, None
+    n = len(files)
+    k = min(max(minimum, math.ceil(fraction * n)), n // 2)
+    held = {int((i + 0.5) * n / k) for i in range(k)}
+    common = dict(resolution=dataset.resolution, frames=dataset.frames,
+                  frame_stride=dataset.frame_stride, seed=dataset.seed, classes=dataset.classes)
+
+    def part(heldout: bool, train: bool):
+        idx = [i for i in range(n) if (i in held) == heldout]
+        return type(dataset)([files[i] for i in idx], train=train,
+                             labels=[dataset.labels[i] for i in idx], **common)
+
+    return part(False, dataset.train), part(True, False)
+
+
+def scan_files(root: Path, exts) -> list[Path]:
+    """Files under ``root`` (recursively) with one of the suffixes ``exts``, sorted."""
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
 
 

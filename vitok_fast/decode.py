@@ -1,14 +1,18 @@
 """Decode latents written by ``python -m vitok_fast.encode`` back to pixels.
 
-    python -m vitok_fast.decode --ckpt runs/s1/final --latents latents/imagenet256 --out decoded/
+    python -m vitok_fast.decode --ckpt runs/stage1-S-B_16 --latents latents/imagenet256 --out decoded/
 
-Writes ``000000.png``, ... (images) or ``000000.mp4``, ... (videos) in item order, from the
-posterior mean (``--sample`` draws z = mean + exp(logvar / 2) * eps instead).
+Writes one PNG per image (an MP4 per video) named after the file it was encoded from, under
+its class for labelled data (``<class>/<stem>.png``; ``<stem>.png`` unlabelled; ``000000.png``
+where index.json names no source), from the posterior mean (``--sample`` draws
+z = mean + exp(logvar / 2) * eps instead), and ``decode.json``: the model, checkpoint and
+resolution, and per item its ``output``, ``source``, ``label`` and ``class``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from tqdm import tqdm
 
 from vitok_fast import cli
 from vitok_fast import metrics as M
+from vitok_fast.fileio import atomic_write
 
 
 @torch.no_grad()
@@ -25,7 +30,7 @@ def decode_latents(model, latents: str | Path, out: str | Path, *, batch_size: i
                    tile=None, overlap=None, fps: float = 8.0, seed: int = 0) -> int:
     from safetensors.torch import load_file
 
-    from vitok_fast.latents import load_latents
+    from vitok_fast.latents import item_names, load_latents
     from vitok_fast.media import to_array, write_image, write_video
 
     index, shards = load_latents(latents)
@@ -39,6 +44,8 @@ def decode_latents(model, latents: str | Path, out: str | Path, *, batch_size: i
             f"q={model.config.tubelet_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    names = item_names(latents)
+    written = []
     generator = torch.Generator(device).manual_seed(seed)
     total = index["num_samples"] if max_samples is None else min(max_samples, index["num_samples"])
     n = 0
@@ -56,13 +63,21 @@ def decode_latents(model, latents: str | Path, out: str | Path, *, batch_size: i
                 z = m + torch.exp(0.5 * lv) * torch.randn(m.shape, generator=generator, device=device)
             pixels = M.quantize(model.decode(z, tile=tile, overlap=overlap)).cpu()
             for item in pixels:
+                target = out / (names[n]["name"] + (".png" if item.ndim == 3 else ".mp4"))
+                target.parent.mkdir(parents=True, exist_ok=True)
                 if item.ndim == 3:
-                    write_image(out / f"{n:06d}.png", to_array(item))
+                    write_image(target, to_array(item))
                 else:
-                    write_video(out / f"{n:06d}.mp4", to_array(item), fps)
+                    write_video(target, to_array(item), fps)
+                written.append({"output": str(target.relative_to(out)), **{
+                    k: names[n][k] for k in ("source", "label", "class")}})
                 n += 1
             bar.update(pixels.shape[0])
     bar.close()
+    record = {"model": model.config.name, "latents": str(Path(latents).resolve()),
+              "resolution": index.get("resolution"), "frames": index.get("frames"),
+              "sample": sample, "items": written}
+    atomic_write(out / "decode.json", lambda p: Path(p).write_text(json.dumps(record, indent=2) + "\n"))
     return n
 
 
@@ -85,12 +100,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", type=cli.device, default=cli.default_device())
     args = p.parse_args(argv)
 
-    from vitok_fast.checkpoint import resolve_ckpt
-    from vitok_fast.model import ViTok
+    from vitok_fast.latents import load_latents
 
-    model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
-                                  **({"use_kernels": False} if args.no_kernels else {})).eval()
-    cli.check_sizes(model.config, tile=args.tile, overlap=args.overlap)
+    index, _ = load_latents(args.latents)  # names a missing index.json or shard
+    # the latents fix the size; the line says it beside the checkpoint's training setting
+    model, _, _ = cli.load_vitok(args.ckpt, "decode", device=args.device,
+                                 no_kernels=args.no_kernels, resolution=index.get("resolution"),
+                                 frames=index.get("frames"), tile=args.tile, overlap=args.overlap,
+                                 given="the latents' size")
+    model.eval()
     n = decode_latents(model, args.latents, args.out, batch_size=args.batch_size,
                        sample=args.sample, max_samples=args.max_samples, device=args.device,
                        tile=args.tile, overlap=args.overlap, fps=args.fps, seed=args.seed)

@@ -1,6 +1,6 @@
 """Encode a data set to latents (safetensors shards), e.g. to train a diffusion model on them.
 
-    python -m vitok_fast.encode --ckpt runs/s1/final --data /data/imagenet/train \\
+    python -m vitok_fast.encode --ckpt runs/stage1-S-B_16 --data /data/imagenet/train \\
         --resolution 256 --out latents/imagenet256
 
 Writes ``latents-00000.safetensors``, ... each holding ``mean`` and ``logvar`` of the
@@ -11,7 +11,8 @@ posterior, (N, c, H/p, W/p) for images or (N, c, T/q, H/p, W/p) for videos, and 
 written. Keeping logvar lets a diffusion trainer draw z = mean + exp(logvar / 2) * eps per
 epoch, as LDM-style training does, or use the mean alone.
 
-``index.json`` holds the model config, resolution, ``classes`` (class names in label order;
+``index.json`` holds the model config, resolution (by default the checkpoint's training
+resolution; ``trained_resolution`` and ``size_source`` say where it came from), ``classes`` (class names in label order;
 [] when the data has none), ``num_samples`` (items written), ``num_skipped`` and per shard
 ``file``, ``count``, ``paths`` (the source of each item, in order), ``skipped`` (the
 unreadable files met while filling it, as {path, reason}: none is ever replaced by another
@@ -50,9 +51,10 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, type=cli.output_dir,
                    help="output directory for shards and index.json")
     p.add_argument("--resolution", type=cli.positive_int,
-                   help="centre-crop size (default 256 images, 128 videos)")
+                   help="centre-crop size (default: the checkpoint's training resolution, else "
+                   "256 images, 128 videos)")
     p.add_argument("--frames", type=cli.positive_int,
-                   help="frames per clip for video models (default 16)")
+                   help="frames per clip for video models (default: the checkpoint's, else 16)")
     p.add_argument("--shard-size", type=cli.positive_int, default=1024, help="items per shard")
     p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--num-workers", type=cli.nonnegative_int, default=2)
@@ -67,24 +69,22 @@ def main(argv=None) -> dict:
     p.add_argument("--device", type=cli.device, default=cli.default_device())
     args = p.parse_args(argv)
 
-    from vitok_fast.checkpoint import resolve_ckpt
     from vitok_fast.data import make_dataset
-    from vitok_fast.model import ViTok
 
-    model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
-                                  **({"use_kernels": False} if args.no_kernels else {}))
-    video = model.config.is_video
-    resolution = args.resolution or (128 if video else 256)
-    frames = args.frames or (16 if video else 1)
-    cli.check_sizes(model.config, resolution=resolution, frames=args.frames, tile=args.tile,
-                    overlap=args.overlap)
+    model, folder, size = cli.load_vitok(args.ckpt, "encode", device=args.device,
+                                         no_kernels=args.no_kernels, resolution=args.resolution,
+                                         frames=args.frames, tile=args.tile,
+                                         overlap=args.overlap)
+    resolution, frames = size["resolution"], size["frames"]
     with cli.option("--data", args.data):
         dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
     index = encode_dataset(model, dataset, Path(args.out), resolution=resolution, frames=frames,
                            shard_size=args.shard_size, batch_size=args.batch_size,
                            dtype=DTYPES[args.dtype], max_samples=args.max_samples,
                            num_workers=args.num_workers, device=args.device, tile=args.tile,
-                           overlap=args.overlap, meta={"ckpt": str(args.ckpt), "data": args.data},
+                           overlap=args.overlap, meta={"ckpt": str(folder.resolve()), "data": args.data,
+                                 **{k: size[k] for k in ("trained_resolution", "trained_frames",
+                                                         "size_source")}},
                            sample=args.sample, seed=args.seed)
     print(f"{index['num_samples']} items in {len(index['shards'])} shards under {args.out}"
           + (f"; {index['num_skipped']} unreadable files skipped (listed in {INDEX_FILE})"

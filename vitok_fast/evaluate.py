@@ -1,6 +1,6 @@
 """Reconstruction quality of a ViTok checkpoint on a data set, at the paper's protocol.
 
-    python -m vitok_fast.evaluate --ckpt runs/s1/final --data /data/imagenet/val \\
+    python -m vitok_fast.evaluate --ckpt runs/stage1-S-B_16 --data /data/imagenet/val \\
         --inception weights-inception-2015-12-05-6726825d.pth --lpips-vgg vgg16-397923af.pth
     torchrun --nproc_per_node 8 -m vitok_fast.evaluate --ckpt ... --data ...   # sharded
 
@@ -147,12 +147,18 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
 # -- generation: gFID and gIS of samples against reference statistics ------------------------
 
 
-def load_generated(path) -> torch.Tensor:
-    """uint8 (N, 3, H, W) images from a folder written by python -m vitok_fast.sample (its
-    samples.npz), any folder of PNG/JPEG files, or an .npz holding ``pixels`` or ``arr_0``
-    (ADM's reference batches) as (N, H, W, 3) uint8."""
+GENERATION_METRICS = ("gfid", "gis")
+
+
+def load_generated(path, resolution: int | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """uint8 (N, 3, H, W) images and the unreadable files skipped ([{path, reason}]) from a
+    folder written by python -m vitok_fast.sample (its samples.npz), an .npz holding
+    ``pixels`` or ``arr_0`` (ADM's reference batches) as (N, H, W, 3) uint8, or any folder of
+    images, read as every tool reads data (vitok_fast.data: recursive, class folders
+    included, unreadable files skipped and named): each image resized (shorter side) and
+    centre-cropped to ``resolution`` (default: the shorter side of the first readable one),
+    the evaluation transform."""
     import numpy as np
-    from PIL import Image
 
     path = Path(path)
     if path.is_dir() and (path / "samples.npz").is_file():
@@ -163,17 +169,48 @@ def load_generated(path) -> torch.Tensor:
         if key is None:
             raise ValueError(f"{path} holds {sorted(data)}: expected 'pixels' or 'arr_0' images")
         images = data[key]
-    elif path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not files:
-            raise FileNotFoundError(f"{path} holds no samples.npz and no PNG/JPEG images")
-        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    else:
-        raise FileNotFoundError(f"--generated expects a folder of samples or an .npz, got {path}")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3) in {path}, got {images.dtype} "
-                         f"{images.shape} (video samples: score them with FVD, not gFID)")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3) in {path}, got {images.dtype} "
+                             f"{images.shape} (video samples: score them with FVD, not gFID)")
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        if resolution is not None and images.shape[-2:] != (resolution, resolution):
+            images = M.quantize(_fit(M.dequantize(images), resolution))
+        return images, []
+    if not path.is_dir():
+        raise FileNotFoundError(f"expected a folder of samples or images, or an .npz, got {path}")
+    from vitok_fast.data import IMAGE_EXTS, collate_items, make_dataset, scan_files
+
+    if resolution is None:  # the size of the first image that reads
+        from PIL import Image
+
+        for file in scan_files(path, IMAGE_EXTS):
+            try:
+                with Image.open(file) as im:
+                    resolution = min(im.size)
+                break
+            except Exception:  # noqa: BLE001 -- unreadable: the dataset skips and names it
+                continue
+        else:
+            raise FileNotFoundError(f"{path} holds no samples.npz and no readable image, "
+                                    f"searched recursively")
+    dataset = make_dataset(str(path), resolution, train=False, with_meta=True)
+    batch = collate_items([dataset[i] for i in range(len(dataset))])
+    skipped = [{"path": p, "reason": r} for _, p, r in batch["skipped"]]
+    if batch["x"] is None:
+        raise ValueError(f"no image under {path} reads: {skipped[:3]}")
+    return M.quantize(batch["x"]), skipped
+
+
+def _fit(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] resized (shorter side) and centre-cropped to ``resolution``."""
+    import torch.nn.functional as F
+
+    H, W = x.shape[-2:]
+    s = resolution / min(H, W)
+    size = (max(resolution, round(H * s)), max(resolution, round(W * s)))
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return x[..., top:top + resolution, left:left + resolution].clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -222,29 +259,62 @@ def evaluate_generated(args) -> dict:
         raise ValueError("--generated needs --ref-stats (an .npz with mu and sigma, e.g. ADM's "
                          "VIRTUAL_imagenet256_labeled.npz, or a folder / .npz of real images), "
                          "or --stats-out to write the statistics of DIR as a reference")
-    inception = M.load_inception(args.inception, args.device, features=("2048", "logits_unbiased"))
-    images = load_generated(args.generated)
-    ref = None
-    if args.ref_stats:
-        ref_path = Path(args.ref_stats)
+    if args.metrics:  # under --generated the metrics are gFID (with --ref-stats) and gIS
+        asked = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        if not asked or set(asked) - set(GENERATION_METRICS):
+            raise cli.UserError(f"--metrics {args.metrics}: with --generated expected a subset of "
+                                f"{','.join(GENERATION_METRICS)} (reconstruction metrics need "
+                                f"--ckpt and --data)")
+    ref_path = Path(args.ref_stats) if args.ref_stats else None
+    if ref_path is not None and not ref_path.exists():
+        raise FileNotFoundError(f"--ref-stats {ref_path} does not exist: expected an .npz with mu "
+                                f"and sigma, or a folder / .npz of real images")
+    out = Path(args.out) if args.out else default_generated_out(args.generated)
+    inception = M.load_inception(
+        args.inception, args.device, features=("2048", "logits_unbiased"),
+        without=f"the file torch-fidelity's v0.2.0 release on GitHub serves (gFID and gIS both "
+                f"need it, so --metrics cannot leave it out)")
+    with cli.option("--generated", args.generated):
+        images, skipped = load_generated(args.generated, args.resolution)
+    ref, ref_skipped = None, []
+    if ref_path is not None:
         data = np.load(ref_path) if ref_path.suffix == ".npz" and ref_path.is_file() else None
         if data is not None and "mu" in data and "sigma" in data:
             ref = (data["mu"], data["sigma"])
-        else:  # real images: their features are the reference
-            _, ref = generation_metrics(load_generated(ref_path), None, inception,
-                                        batch_size=args.batch_size, device=args.device)
+        else:  # real images at the samples' size: their features are the reference
+            with cli.option("--ref-stats", args.ref_stats):
+                real, ref_skipped = load_generated(ref_path, images.shape[-1])
+            _, ref = generation_metrics(real, None, inception, batch_size=args.batch_size,
+                                        device=args.device)
+    for name, bad in (("--generated", skipped), ("--ref-stats", ref_skipped)):
+        for item in bad:
+            print(f"skipped unreadable {name} file {item['path']}: {item['reason']}",
+                  file=sys.stderr)
     results, stats = generation_metrics(images, ref, inception, batch_size=args.batch_size,
                                         device=args.device)
-    results = {"generated": str(args.generated), "ref_stats": args.ref_stats, **results,
+    if args.metrics:
+        results = {k: v for k, v in results.items()
+                   if k.split("_")[0] in asked or k == "num_samples"}
+    results = {"generated": str(args.generated), "ref_stats": args.ref_stats,
+               "resolution": images.shape[-1], **results,
+               "skipped": skipped, "ref_skipped": ref_skipped,
                "protocol": f"torch-fidelity Inception-v3 ({M.INCEPTION_FILE}): 2048-d pool "
                            f"features for gFID, logits_unbiased for gIS (10 splits)"}
     if args.stats_out:
         mu, sigma = stats.mean_cov()
         atomic_write(Path(args.stats_out), lambda p: np.savez(open(p, "wb"), mu=mu, sigma=sigma))
-    print(" | ".join(f"{k.upper()} {results[k]:.4f}" for k in ("gfid", "gis") if k in results))
-    if args.out:
-        atomic_write(Path(args.out), lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
+    print(" | ".join(f"{k.upper()} {results[k]:.4f}" for k in GENERATION_METRICS if k in results))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
+    print(f"wrote {out}", file=sys.stderr)
     return results
+
+
+def default_generated_out(generated) -> Path:
+    """Where ``--generated`` writes its JSON without ``--out``: ``<folder>/eval_generated.json``
+    (beside an .npz: ``<name>_eval.json``)."""
+    path = Path(generated)
+    return path / "eval_generated.json" if path.is_dir() else path.with_name(f"{path.stem}_eval.json")
 
 
 def format_table(results: dict) -> str:
@@ -265,11 +335,13 @@ def parse_args(argv=None):
                    "reference batches hold them), or a folder / .npz of real images")
     p.add_argument("--stats-out", help="with --generated: write the samples' mu and sigma here")
     p.add_argument("--resolution", type=cli.positive_int,
-                   help="centre-crop size (default 256 images, 128 videos)")
+                   help="centre-crop size (default: the checkpoint's training resolution, else "
+                   "256 images, 128 videos)")
     p.add_argument("--frames", type=cli.positive_int,
-                   help="frames per clip for video models (default 16)")
+                   help="frames per clip for video models (default: the checkpoint's, else 16)")
     p.add_argument("--metrics", help=f"comma-separated subset (images: {','.join(IMAGE_METRICS)}; "
-                                     f"videos: {','.join(VIDEO_METRICS)}); default all")
+                                     f"videos: {','.join(VIDEO_METRICS)}; --generated: "
+                                     f"{','.join(GENERATION_METRICS)}); default all")
     p.add_argument("--inception", help=f"FID Inception weights ({M.INCEPTION_FILE})")
     p.add_argument("--i3d", help=f"FVD I3D weights ({M.I3D_FILE})")
     p.add_argument("--lpips-vgg", help="VGG16 weights for LPIPS (vgg16-397923af.pth)")
@@ -285,7 +357,8 @@ def parse_args(argv=None):
     p.add_argument("--no-kernels", action="store_true", help="plain PyTorch ops instead of Triton")
     p.add_argument("--device", type=cli.device, default=cli.default_device())
     p.add_argument("--out", type=cli.output_file,
-                   help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json)")
+                   help="JSON file to write (default <ckpt>/eval_<data>_<res>p.json; with "
+                   "--generated DIR: DIR/eval_generated.json)")
     return p.parse_args(argv)
 
 
@@ -310,8 +383,13 @@ def main(argv=None) -> dict:
     if not args.ckpt or not args.data:
         raise ValueError("expected --ckpt and --data (reconstruction metrics) or --generated "
                          "(generation metrics)")
+    unknown = [m for m in (x.strip() for x in (args.metrics or "").split(","))
+               if m and m not in IMAGE_METRICS + VIDEO_METRICS]
+    if unknown:  # before the model loads; which kind of model takes which is checked after
+        raise cli.UserError(f"--metrics {args.metrics}: unknown {','.join(unknown)}; expected a "
+                            f"subset of {','.join(IMAGE_METRICS)} (image models) or "
+                            f"{','.join(VIDEO_METRICS)} (video models)")
     from vitok_fast.data import make_dataset
-    from vitok_fast.model import ViTok
     from vitok_fast.perceptual import load_lpips
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -323,16 +401,14 @@ def main(argv=None) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
 
-    ckpt = resolve_ckpt(args.ckpt)
-    overrides = {"use_kernels": False} if args.no_kernels else {}
-    model = ViTok.from_pretrained(ckpt, device=device, **overrides)
+    model, ckpt, size = cli.load_vitok(args.ckpt, "evaluate", device=device,
+                                       no_kernels=args.no_kernels, resolution=args.resolution,
+                                       frames=args.frames, tile=args.tile, overlap=args.overlap,
+                                       verbose=rank == 0)
     cfg = model.config
     video = cfg.is_video
     metrics = parse_metrics(args.metrics, video, cfg.name)
-    resolution = args.resolution or (128 if video else 256)
-    frames = args.frames or (16 if video else 1)
-    cli.check_sizes(cfg, resolution=resolution, frames=args.frames,
-                    tile=args.tile, overlap=args.overlap)
+    resolution, frames = size["resolution"], size["frames"]
     # every weight file is checked before the first batch, not after an hour of features
     inception = M.load_inception(args.inception, device) if "fid" in metrics else None
     i3d = M.load_i3d(args.i3d, device) if "fvd" in metrics else None
@@ -350,7 +426,9 @@ def main(argv=None) -> dict:
                        autocast_dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     results = {
         "ckpt": str(ckpt), "model": cfg.name, "channels": cfg.channels, "data": args.data,
-        "resolution": resolution, "frames": frames, "E": cfg.E(frames, resolution, resolution),
+        "resolution": resolution, "frames": frames,
+        **{k: size[k] for k in ("trained_resolution", "trained_frames", "size_source")},
+        "E": cfg.E(frames, resolution, resolution),
         "sample": args.sample, "dtype": args.dtype, "tile": args.tile, **results,
         "skipped_files": len(results["skipped"]),  # each listed with its reason in "skipped"
         "seconds": round(time.time() - start, 2),

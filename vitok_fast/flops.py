@@ -39,7 +39,7 @@ SD_VAE_CONFIG = dict(
 )
 
 
-def _count_macs(fn) -> tuple[int, object]:
+def count_macs(fn) -> tuple[int, object]:
     with FlopCounterMode(display=False) as counter:
         out = fn()
     return counter.get_total_flops() // 2, out
@@ -70,9 +70,9 @@ def count_vitok(config: ViTokConfig, resolution: int, frames: int = 1) -> dict:
         shape = (1, 3, resolution, resolution) if frames == 1 else (1, 3, frames, resolution, resolution)
         x = torch.empty(shape)
     with torch.no_grad():
-        enc_macs, posterior = _count_macs(lambda: model.encode(x))
+        enc_macs, posterior = count_macs(lambda: model.encode(x))
         z = posterior.mode()
-        dec_macs, _ = _count_macs(lambda: model.decode(z))
+        dec_macs, _ = count_macs(lambda: model.decode(z))
     return _row(config.name, resolution, frames, _params(model.encoder), enc_macs,
                 _params(model.decoder), dec_macs, z.shape[1:])
 
@@ -86,9 +86,9 @@ def count_sd_vae(resolution: int, frames: int = 1, config: dict | None = None) -
         vae = AutoencoderKL(**(SD_VAE_CONFIG if config is None else config))
         x = torch.empty(frames, 3, resolution, resolution)
     with torch.no_grad():
-        enc_macs, posterior = _count_macs(lambda: vae.encode(x).latent_dist)
+        enc_macs, posterior = count_macs(lambda: vae.encode(x).latent_dist)
         z = posterior.mode()
-        dec_macs, _ = _count_macs(lambda: vae.decode(z).sample)
+        dec_macs, _ = count_macs(lambda: vae.decode(z).sample)
     latent = tuple(z.shape[1:]) if frames == 1 else (frames, *z.shape[1:])
     return _row("SD-VAE", resolution, frames, _params(vae.encoder, vae.quant_conv), enc_macs,
                 _params(vae.decoder, vae.post_quant_conv), dec_macs, latent)

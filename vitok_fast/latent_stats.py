@@ -1,6 +1,6 @@
 """Per-channel statistics of a tokenizer's latents: the shift and scale a diffusion model needs.
 
-    python -m vitok_fast.latent_stats --ckpt runs/s1/final --data /data/imagenet/train \\
+    python -m vitok_fast.latent_stats --ckpt runs/stage1-S-B_16 --data /data/imagenet/train \\
         --resolution 256 --out stats.json
     torchrun --nproc_per_node 8 -m vitok_fast.latent_stats --ckpt ... --data ...   # sharded
 
@@ -47,8 +47,10 @@ def main(argv=None) -> dict:
     p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
     p.add_argument("--data", required=True, help="any source vitok_fast.data.make_dataset reads")
     p.add_argument("--out", default=STATS_FILE, help=f"JSON file to write (default {STATS_FILE})")
-    p.add_argument("--resolution", type=int, help="centre-crop size (default 256 images, 128 videos)")
-    p.add_argument("--frames", type=int, help="frames per clip for video models (default 16)")
+    p.add_argument("--resolution", type=int, help="centre-crop size (default: the checkpoint's "
+                   "training resolution, else 256 images, 128 videos)")
+    p.add_argument("--frames", type=int, help="frames per clip for video models (default: the "
+                   "checkpoint's, else 16)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--max-samples", type=int, help="only the first N items of the data set")
@@ -73,8 +75,6 @@ def main(argv=None) -> dict:
     import torch.distributed as dist
 
     from vitok_fast.data import make_dataset
-    from vitok_fast.checkpoint import resolve_ckpt
-    from vitok_fast.model import ViTok
 
     device = torch.device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -82,17 +82,21 @@ def main(argv=None) -> dict:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=device,
-                                  **({"use_kernels": False} if args.no_kernels else {}))
-    video = model.config.is_video
-    resolution = args.resolution or (128 if video else 256)
-    frames = args.frames or (16 if video else 1)
+    from vitok_fast import cli
+
+    model, folder, size = cli.load_vitok(args.ckpt, "latent_stats", device=device,
+                                         no_kernels=args.no_kernels, resolution=args.resolution,
+                                         frames=args.frames, tile=args.tile, overlap=args.overlap,
+                                         verbose=not dist.is_initialized() or dist.get_rank() == 0)
+    resolution, frames = size["resolution"], size["frames"]
     dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
     stats = compute_stats(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                           device=device, max_samples=args.max_samples, sample=args.sample,
                           seed=args.seed, tile=args.tile, overlap=args.overlap)
-    stats = {"model": model.config.name, "ckpt": str(args.ckpt), "data": args.data,
-             "resolution": resolution, "frames": frames, **stats}
+    stats = {"model": model.config.name, "ckpt": str(folder.resolve()), "data": args.data,
+             "resolution": resolution, "frames": frames,
+             **{k: size[k] for k in ("trained_resolution", "trained_frames", "size_source")},
+             **stats}
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_stats(Path(args.out), stats)

@@ -390,6 +390,49 @@ def iter_latents(directory: str | Path):
             yield tensors["mean"][i], tensors["logvar"][i], int(labels[i])
 
 
+def _stem(source: str) -> str:
+    """A source's file name without a media suffix (``photos/cat/0.jpg`` -> ``0``; names
+    like ``skimage.data.astronaut`` stay whole)."""
+    name = Path(source).name
+    return name.rsplit(".", 1)[0] if Path(name).suffix.lower() in _MEDIA_SUFFIXES else name
+
+
+_MEDIA_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".mp4",
+                   ".webm", ".avi", ".mov", ".mkv"}
+
+
+def item_names(directory: str | Path) -> list[dict]:
+    """Per item of an encode run, in order: ``source`` (the file it was encoded from, or
+    None where the index does not say), ``label`` (-1 unlabelled), ``class`` (its name, or
+    None) and ``name``, what a decoded item is called: ``<class>/<stem>`` for labelled items,
+    ``<stem>`` otherwise, ``<NNNNNN>`` without a source; a name met twice gets ``_<item>``."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    index, shards = load_latents(directory)
+    classes = index.get("classes") or []
+    items, seen = [], set()
+    for shard, file in zip(index["shards"], shards):
+        try:
+            paths = _read_shard_lists(directory, shard).get("paths") or []
+        except FileNotFoundError:
+            paths = []
+        with safe_open(str(file), framework="pt") as f:
+            labels = f.get_tensor("label").tolist() if "label" in f.keys() else []
+        for i in range(shard["count"]):
+            n = len(items)
+            source = paths[i] if i < len(paths) else None
+            label = labels[i] if i < len(labels) else -1
+            cls = classes[label] if 0 <= label < len(classes) else None
+            stem = _stem(source) if source else f"{n:06d}"
+            name = f"{cls}/{stem}" if cls else stem
+            if name in seen:
+                name = f"{name}_{n:06d}"
+            seen.add(name)
+            items.append({"source": source, "label": label, "class": cls, "name": name})
+    return items
+
+
 # -- labelled latent sets in memory (the DiT trainer, the digits benchmark) ------------------
 
 

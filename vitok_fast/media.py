@@ -120,16 +120,35 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_sample_grid(path, pixels: torch.Tensor, rows: int) -> None:
-    """A PNG of (N, 3, H, W) samples (videos: their first frames) in ``rows`` rows."""
-    from PIL import Image
+def save_sample_grid(path, pixels: torch.Tensor, rows: int, labels=None, captions=None) -> None:
+    """A PNG of (N, 3, H, W) samples (videos: their first frames; float in [-1, 1] or uint8)
+    in ``rows`` rows; ``labels`` names each row (a strip on the left: the class), ``captions``
+    each cell (a strip under it: e.g. its PSNR)."""
+    from PIL import Image, ImageDraw
 
     if pixels.ndim == 5:
         pixels = pixels[:, :, 0]
+    if pixels.dtype != torch.uint8:
+        pixels = to_uint8(pixels)
     cols = len(pixels) // rows
+    H, W = pixels.shape[2:]
     grid = pixels[:rows * cols].reshape(rows, cols, *pixels.shape[1:])
-    grid = grid.permute(2, 0, 3, 1, 4).reshape(3, rows * pixels.shape[2], cols * pixels.shape[3])
-    image = Image.fromarray(to_uint8(grid).permute(1, 2, 0).cpu().numpy())
+    grid = grid.permute(2, 0, 3, 1, 4).reshape(3, rows * H, cols * W)
+    image = Image.fromarray(grid.permute(1, 2, 0).cpu().numpy())
+    if labels is not None or captions is not None:
+        left = 8 + 6 * max((len(str(t)) for t in labels), default=0) if labels is not None else 0
+        below = 12 if captions is not None else 0
+        canvas = Image.new("RGB", (left + cols * W, rows * (H + below)), "white")
+        draw = ImageDraw.Draw(canvas)
+        for r in range(rows):
+            top = r * (H + below)
+            canvas.paste(image.crop((0, r * H, cols * W, (r + 1) * H)), (left, top))
+            if labels is not None:
+                draw.text((4, top + H // 2 - 5), str(labels[r]), fill="black")
+            for c in range(cols):
+                if captions is not None and r * cols + c < len(captions):
+                    draw.text((left + c * W + 2, top + H), str(captions[r * cols + c]), fill="black")
+        image = canvas
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -164,12 +164,13 @@ def frechet_distance(a: FrechetStats, b: FrechetStats) -> float:
 # -- Inception (FID) ----------------------------------------------------------------------
 
 
-def _missing_weight(what: str, file: str, given, flag: str) -> FileNotFoundError:
+def _missing_weight(what: str, file: str, given, flag: str,
+                    without: str = "or leave the metric out with --metrics") -> FileNotFoundError:
     where = f"{flag} {given}" if given is not None else f"no {flag} given"
     return FileNotFoundError(
         f"{what} needs the weights file {file} and found none ({where}). Nothing is downloaded "
-        f"at run time: copy the file from a machine with internet access and pass {flag} PATH, "
-        f"or leave the metric out with --metrics.")
+        f"at run time: copy the file from a machine with internet access and pass {flag} PATH"
+        + (f", {without}" if without else "") + ".")
 
 
 def _unreadable_weight(what: str, file: str, given, flag: str, error: Exception) -> ValueError:
@@ -180,19 +181,21 @@ def _unreadable_weight(what: str, file: str, given, flag: str, error: Exception)
 
 
 def load_inception(path: str | os.PathLike | None, device="cpu",
-                   features: tuple[str, ...] = ("2048",)) -> nn.Module:
+                   features: tuple[str, ...] = ("2048",),
+                   without: str = "or leave the metric out with --metrics") -> nn.Module:
     """torch-fidelity's FID Inception-v3 (2048-d pool features) from a weights file.
 
     The expected file is torch-fidelity's conversion of the TF FID Inception,
     ``weights-inception-2015-12-05-6726825d.pth`` (github.com/toshas/torch-fidelity
     releases v0.2.0). The module takes uint8 (B, 3, H, W) images of any size and returns
     one tensor per name in ``features`` ("2048": pool features for FID; "logits_unbiased":
-    the 1008 logits the Inception Score uses).
+    the 1008 logits the Inception Score uses). ``without`` ends the missing-file message
+    with the way to do without it.
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if path is None or not Path(path).is_file():
-        raise _missing_weight("FID", INCEPTION_FILE, path, "--inception")
+        raise _missing_weight("FID", INCEPTION_FILE, path, "--inception", without)
     try:
         model = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                             feature_extractor_weights_path=str(path))

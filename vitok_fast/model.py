@@ -170,21 +170,38 @@ class DiagonalGaussian:
         return 0.5 * torch.mean(m.pow(2) + lv.exp() - 1.0 - lv)
 
 
+class TubeletEmbed(nn.Linear):
+    """The encoder's first Linear, ``patchify(x) @ W.T + b``, as one fused op (ops.tubelet_embed).
+
+    An ``nn.Linear`` called as a module, so that hooks on Linear layers (diffusers' layerwise
+    casting and group offloading, accelerate's device maps) cast or fetch its weights."""
+
+    def forward(self, x, q: int, p: int, use_kernels: bool):
+        return ops.tubelet_embed(x, self.weight, self.bias, q, p, use_kernels)
+
+
+class TubeletHead(nn.Linear):
+    """The decoder's last Linear and unpatchify, ``unpatchify(h @ W.T + b)``, as one fused op
+    (ops.tubelet_unembed); an ``nn.Linear`` called as a module, as :class:`TubeletEmbed`."""
+
+    def forward(self, h, q: int, p: int, T: int, H: int, W: int, use_kernels: bool):
+        return ops.tubelet_unembed(h, self.weight, self.bias, q, p, T, H, W, use_kernels)
+
+
 class Encoder(nn.Module):
     """Tubelet embed -> Llama blocks -> final norm -> Linear to the bottleneck's 2c moments."""
 
     def __init__(self, cfg: ViTokConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Linear(cfg.patch_dim, cfg.encoder_width)
+        self.embed = TubeletEmbed(cfg.patch_dim, cfg.encoder_width)
         self.transformer = Transformer.from_config(cfg, "encoder")
         self.to_moments = nn.Linear(cfg.encoder_width, 2 * cfg.channels)
 
     def forward(self, x, grid):
         cfg = self.cfg
         with span("embed"):
-            h = ops.tubelet_embed(x, self.embed.weight, self.embed.bias, cfg.tubelet_size,
-                                  cfg.patch_size, cfg.use_kernels)
+            h = self.embed(x, cfg.tubelet_size, cfg.patch_size, cfg.use_kernels)
         h = self.transformer(h, grid)
         with span("bottleneck"):
             return self.to_moments(h)
@@ -198,7 +215,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.upsample = nn.Linear(cfg.channels, cfg.decoder_width)
         self.transformer = Transformer.from_config(cfg, "decoder")
-        self.head = nn.Linear(cfg.decoder_width, cfg.patch_dim)
+        self.head = TubeletHead(cfg.decoder_width, cfg.patch_dim)
 
     def forward(self, z_tokens, grid):
         cfg = self.cfg
@@ -207,8 +224,7 @@ class Decoder(nn.Module):
         h = self.transformer(h, grid)
         T, H, W = grid[0] * cfg.tubelet_size, grid[1] * cfg.patch_size, grid[2] * cfg.patch_size
         with span("head"):
-            return ops.tubelet_unembed(h, self.head.weight, self.head.bias, cfg.tubelet_size,
-                                       cfg.patch_size, T, H, W, cfg.use_kernels)
+            return self.head(h, cfg.tubelet_size, cfg.patch_size, T, H, W, cfg.use_kernels)
 
 
 class ViTok(HubMixin, nn.Module):
@@ -221,6 +237,11 @@ class ViTok(HubMixin, nn.Module):
 
     config_class = ViTokConfig  # save_pretrained / from_pretrained / push_to_hub: vitok_fast/hub.py
     config_tag = "vitok_config"
+
+    # The dtype the layers compute in when it is not the weights' storage dtype: set where the
+    # stored weights are cast up layer by layer for each call (AutoencoderViTok's
+    # enable_layerwise_casting); None: the weights' own dtype.
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, config: ViTokConfig):
         super().__init__()
@@ -287,10 +308,11 @@ class ViTok(HubMixin, nn.Module):
     # -- input checks, at the edge, before any kernel runs ---------------------------------
 
     def _check_dtype(self, x, what: str) -> None:
-        """Floating point, and the model's dtype unless autocast picks the matmul dtype."""
+        """Floating point, and the model's compute dtype (its weights' dtype unless
+        ``compute_dtype`` says otherwise) unless autocast picks the matmul dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of {what}, got {type(x).__name__}")
-        dtype = next(self.parameters()).dtype
+        dtype = self.compute_dtype or next(self.parameters()).dtype
         if not x.is_floating_point():
             expected = ("floating-point pixels in [-1, 1]" if what == "pixels"
                         else "a floating-point latent")

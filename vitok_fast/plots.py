@@ -1,8 +1,8 @@
 """Plots (matplotlib, PNG): reconstruction grids, bottleneck sweeps, training curves.
 
-    python -m vitok_fast.plots grid --ckpt runs/s1/final --data embedded:val --out grid.png
+    python -m vitok_fast.plots grid --ckpt runs/stage1-S-B_16 --data embedded:val --out grid.png
     python -m vitok_fast.plots sweep eval_c4.json eval_c8.json eval_c16.json --out sweep.png
-    python -m vitok_fast.plots curves runs/s1/metrics.jsonl --out curves.png
+    python -m vitok_fast.plots curves runs/stage1-S-B_16/metrics.jsonl --out curves.png
 
 The sweep plot is the paper's Figure 2 (metric vs bottleneck size E) from the JSON files
 ``vitok_fast.evaluate`` writes. Training logs are JSON lines (one object per step with a
@@ -32,8 +32,9 @@ _LOWER_IS_BETTER = {"rfid", "rfvd", "lpips"}
 
 
 def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path,
-                        titles=("input", "reconstruction")) -> Path:
-    """Rows of (input, reconstruction) pairs from (B, 3, H, W) pixels in [-1, 1]."""
+                        titles=("input", "reconstruction"), caption: str | None = None) -> Path:
+    """Rows of (input, reconstruction) pairs from (B, 3, H, W) pixels in [-1, 1], each
+    reconstruction titled with its PSNR; ``caption`` (e.g. the model and resolution) on top."""
     from vitok_fast.metrics import psnr, quantize
 
     if originals.shape != reconstructions.shape or originals.ndim != 4:
@@ -52,6 +53,8 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
                 ax.set_title(f"{title}  {scores[i]:.2f} dB", fontsize=9)
             elif i == 0:
                 ax.set_title(title, fontsize=9)
+    if caption:
+        fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -162,7 +165,8 @@ def main(argv=None) -> Path:
     g = sub.add_parser("grid", help="inputs next to reconstructions")
     g.add_argument("--ckpt", required=True)
     g.add_argument("--data", required=True)
-    g.add_argument("--resolution", type=cli.positive_int, default=256)
+    g.add_argument("--resolution", type=cli.positive_int,
+                   help="centre-crop size (default: the checkpoint's training resolution, else 256)")
     g.add_argument("--n", type=cli.positive_int, default=4, help="number of images")
     g.add_argument("--no-kernels", action="store_true")
     g.add_argument("--device", type=cli.device, default=cli.default_device())
@@ -181,24 +185,23 @@ def main(argv=None) -> Path:
     if args.command == "curves":
         return training_curves(args.log, args.out, args.keys and args.keys.split(","))
     from vitok_fast.data import make_dataset
-    from vitok_fast.checkpoint import resolve_ckpt
-    from vitok_fast.model import ViTok
     from vitok_fast.media import reconstruct_pixels
 
-    model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
-                                  **({"use_kernels": False} if args.no_kernels else {})).eval()
+    model, folder, size = cli.load_vitok(args.ckpt, "plots grid", device=args.device,
+                                         no_kernels=args.no_kernels, resolution=args.resolution)
+    model.eval()
     if model.config.is_video:
         raise ValueError(f"the grid plot shows images; {model.config.name} is a video model")
-    cli.check_sizes(model.config, resolution=args.resolution)
     with cli.option("--data", args.data):
-        dataset = make_dataset(args.data, args.resolution, 1, train=False)
+        dataset = make_dataset(args.data, size["resolution"], 1, train=False)
     items = []
     for x in dataset:
         items.append(x)
         if len(items) == args.n:
             break
     x = torch.stack(items).to(args.device)
-    return reconstruction_grid(x, reconstruct_pixels(model, x), args.out)
+    caption = f"{model.config.name} at {cli.describe_size(size)}"
+    return reconstruction_grid(x, reconstruct_pixels(model, x), args.out, caption=caption)
 
 
 if __name__ == "__main__":

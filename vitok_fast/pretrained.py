@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +21,60 @@ from vitok_fast.fileio import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"  # beside the model in a training checkpoint (vitok_fast/checkpoint.py)
+STEP_DIR = re.compile(r"^step_(\d{8})$")  # a training checkpoint inside a run directory
+
+# A field only each kind of config.json has: what a folder of the wrong kind holds.
+_KIND_FIELDS = {"ViTok": "encoder_width", "DiT": "num_classes"}
+
+
+def latest_step_dir(run_dir: Path) -> Path | None:
+    """The newest complete ``step_XXXXXXXX`` checkpoint of a training run directory."""
+    found = sorted((int(m[1]), p) for p in run_dir.iterdir()
+                   if (m := STEP_DIR.match(p.name)) and p.is_dir()
+                   and all((p / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE)))
+    return found[-1][1] if found else None
+
+
+def model_folder(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """The folder holding ``config.json`` for ``path``, and a note saying how it was chosen
+    (None when ``path`` is that folder): a training run directory gives its latest complete
+    checkpoint (the EMA weights where stage 2 / the DiT saved them); a folder holding exactly
+    one model folder gives that one. Anything else comes back as it is, for the loader to
+    name what is missing."""
+    path = Path(path)
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return path, None
+    latest = latest_step_dir(path)
+    if latest is not None:
+        ema = (latest / "ema" / CONFIG_FILE).is_file()
+        chosen = latest / "ema" if ema else latest
+        return chosen, (f"using the latest checkpoint of the run {path}: {chosen}"
+                        + (" (its EMA weights)" if ema else ""))
+    found = sorted({c.parent for c in path.glob(f"*/{CONFIG_FILE}")} |
+                   {c.parent for c in path.glob(f"*/*/{CONFIG_FILE}")})
+    found = [f for f in found if (f / WEIGHTS_FILE).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several model checkpoints; pass one of: "
+                         f"{', '.join(map(str, found))}")
+    if found:
+        return found[0], f"using the model checkpoint {found[0]}"
+    return path, None
+
+
+def check_kind(config_data: dict, what: str, config_path) -> None:
+    """A config.json of another kind of model (a DiT given where a ViTok is expected, a
+    diffusers folder) is named as such, before its fields are read as ours."""
+    if "_class_name" in config_data:  # diffusers writes it
+        raise ValueError(f"{config_path} is a diffusers {config_data['_class_name']} folder, not "
+                         f"a {what} checkpoint; pass the vitok_fast checkpoint it was converted "
+                         f"from (vitok_fast/diffusers.py loads diffusers folders)")
+    for kind, field in _KIND_FIELDS.items():
+        if kind != what and field in config_data and _KIND_FIELDS.get(what) not in config_data:
+            raise ValueError(f"{config_path.parent} is a {kind} checkpoint, not a {what}: "
+                             f"pass it where a {kind} is expected"
+                             + (" (sample --dit, train/dit.py --resume)" if kind == "DiT" else
+                                " (--ckpt of the tools, train/dit.py --vitok)"))
 
 
 def save_model_dir(model: nn.Module, directory: str | os.PathLike, tag: str) -> None:
@@ -38,7 +94,9 @@ def save_model_dir(model: nn.Module, directory: str | os.PathLike, tag: str) -> 
 
 def load_model_dir(cls, config_cls, directory: Path, what: str, *, device=None,
                    torch_dtype: torch.dtype | None = None, overrides: dict | None = None):
-    """The model of a directory written by :func:`save_model_dir`: each file checked, the
+    """The model of a directory written by :func:`save_model_dir` (or of a training run
+    directory: its latest checkpoint, :func:`model_folder`, named on stderr): each file
+    checked, a config of another kind of model named, the
     config built by ``config_cls.from_dict`` (with ``overrides``), the weights cast to
     ``torch_dtype`` if given, strict key and shape checks, on ``device`` (default CPU).
     ``what`` names the model in messages."""
@@ -46,6 +104,9 @@ def load_model_dir(cls, config_cls, directory: Path, what: str, *, device=None,
     from safetensors.torch import load_file
 
     device = "cpu" if device is None else device
+    directory, note = model_folder(directory)
+    if note:
+        print(note, file=sys.stderr)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -56,6 +117,7 @@ def load_model_dir(cls, config_cls, directory: Path, what: str, *, device=None,
         config_data = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    check_kind(config_data, what, config_path)
     config = config_cls.from_dict({**config_data, **(overrides or {})})
     try:
         state = load_file(weights_path, device=str(device))

@@ -1,14 +1,17 @@
 """Reconstruct image and video files with a ViTok checkpoint; side-by-side comparisons out.
 
-    python -m vitok_fast.reconstruct --ckpt runs/s1/final photo.jpg clip.mp4 --out recon/
-    python -m vitok_fast.reconstruct --ckpt runs/s1/final photos/ --out recon/
+    python -m vitok_fast.reconstruct --ckpt runs/stage1-S-B_16 photo.jpg clip.mp4 --out recon/
+    python -m vitok_fast.reconstruct --ckpt runs/stage1-S-B_16 photos/ --out recon/
 
-A folder stands for the image and video files directly in it. For each input writes
-``<name>_recon.png`` / ``.mp4`` and ``<name>_compare.png`` / ``.mp4`` (input left,
-reconstruction right), prints the per-file PSNR and writes them to ``<out>/psnr.json``.
-Inputs keep their size, centre-cropped to a multiple of the patch (``--resolution R``
-resizes the shorter side to R and centre-crops R x R instead); big inputs can be tiled with
-``--tile``. An image model reconstructs a video frame by frame. A file that cannot be
+A folder stands for the image and video files anywhere under it (class folders included). For
+each input writes ``<name>_recon.png`` / ``.mp4`` and ``<name>_compare.png`` / ``.mp4`` (input
+left, reconstruction right), where ``<name>`` is a file's stem, or for a folder's files their
+path under it (``<class>/<stem>``); prints the per-file PSNR and writes them to
+``<out>/psnr.json``, and the settings (model, checkpoint, resolution and where it came from,
+each file's output name) to ``<out>/reconstruct.json``. Inputs are resized (shorter side) and
+centre-cropped to the checkpoint's training resolution, or ``--resolution R``; ``--native``
+(and a model folder that records no training resolution) keeps each input's size, centre-
+cropped to a multiple of the patch; big inputs can be tiled with ``--tile``. An image model reconstructs a video frame by frame. A file that cannot be
 reconstructed (unreadable, smaller than one patch, an image for a video model) is reported
 and skipped; ``psnr.json`` holds the others, and the exit status is 2 if any failed.
 Reading and writing the files and fitting pixels to the model are vitok_fast/media.py.
@@ -39,8 +42,12 @@ VIDEO_EXTS = {".mp4", ".webm", ".avi", ".mov", ".mkv"}
 
 
 def reconstruct_file(model, path: Path, out: Path, *, resolution=None, max_frames=None,
-                     tile=None, overlap=None, device="cpu") -> float:
+                     tile=None, overlap=None, device="cpu", name: str | None = None) -> float:
+    """Reconstruct one file into ``out/<name>_recon.*`` and ``out/<name>_compare.*`` (``name``
+    defaults to the file's stem; a folder's files keep their path under it, ``<class>/<stem>``);
+    returns the PSNR."""
     cfg = model.config
+    name = name or path.stem
     suffix = path.suffix.lower()
     if suffix in VIDEO_EXTS:
         array, fps = read_video(path, max_frames)
@@ -70,44 +77,47 @@ def reconstruct_file(model, path: Path, out: Path, *, resolution=None, max_frame
     both = torch.cat([real, fake], dim=-1)  # side by side along the width
     if real.ndim == 3:
         psnr = M.psnr(real[None], fake[None]).item()
-        write_image(out / f"{path.stem}_recon.png", to_array(fake))
-        write_image(out / f"{path.stem}_compare.png", to_array(both))
+        write_image(out / f"{name}_recon.png", to_array(fake))
+        write_image(out / f"{name}_compare.png", to_array(both))
     else:  # per-frame PSNR averaged over frames, like the evaluation
         psnr = M.psnr(real.transpose(0, 1), fake.transpose(0, 1)).mean().item()
-        write_video(out / f"{path.stem}_recon.mp4", to_array(fake), fps)
-        write_video(out / f"{path.stem}_compare.mp4", to_array(both), fps)
+        write_video(out / f"{name}_recon.mp4", to_array(fake), fps)
+        write_video(out / f"{name}_compare.mp4", to_array(both), fps)
     return psnr
 
 
-def expand_inputs(inputs) -> list[Path]:
-    """Files as given, a folder as the image and video files directly in it (sorted); every
-    input must exist and every output name (the file's stem) must be distinct."""
-    paths, missing = [], []
+def expand_inputs(inputs) -> dict[Path, str]:
+    """``{file: output name}``: files as given (named by their stem), a folder as the image
+    and video files anywhere under it (sorted; named by their path under it without the
+    suffix, so class folders give ``<class>/<stem>``); every input must exist and every
+    output name be distinct."""
+    named, missing = {}, []
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            found = sorted(f for f in path.iterdir()
-                           if f.is_file() and f.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS)
+            found = sorted(f for f in path.rglob("*")
+                           if f.is_file() and f.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
             if not found:
                 raise cli.UserError(
                     f"{path} is a folder with no image ({', '.join(sorted(IMAGE_EXTS))}) or video "
-                    f"({', '.join(sorted(VIDEO_EXTS))}) files directly in it; pass files or "
-                    f"another folder")
-            paths += found
+                    f"({', '.join(sorted(VIDEO_EXTS))}) files in it; pass files or another folder")
+            for f in found:
+                named.setdefault(f, f.relative_to(path).with_suffix("").as_posix())
         elif path.is_file():
-            paths.append(path)
+            named.setdefault(path, path.stem)
         else:
             missing.append(text)
     if missing:
         raise cli.UserError(f"expected existing image or video files (or folders of them); "
                             f"these do not exist: {', '.join(missing)}")
-    stems = {}
-    for path in paths:
-        if path.stem in stems and stems[path.stem] != path:
-            raise cli.UserError(f"{stems[path.stem]} and {path} would both write "
-                                f"{path.stem}_recon.*; rename one or run them separately")
-        stems[path.stem] = path
-    return list(dict.fromkeys(paths))
+    owners = {}
+    for path, name in named.items():
+        if name in owners:
+            raise cli.UserError(f"{owners[name]} and {path} would both write {name}_recon.*; "
+                                f"rename one or run them separately")
+        owners[name] = path
+    return named
 
 
 def main(argv=None) -> dict:
@@ -117,7 +127,11 @@ def main(argv=None) -> dict:
     p.add_argument("--ckpt", required=True, help="directory written by ViTok.save_pretrained")
     p.add_argument("--out", required=True, type=cli.output_dir, help="output directory")
     p.add_argument("--resolution", type=cli.positive_int,
-                   help="resize shorter side and centre-crop to R x R")
+                   help="resize shorter side and centre-crop to R x R (default: the checkpoint's "
+                   "training resolution; a model folder without one keeps each input's size)")
+    p.add_argument("--native", action="store_true",
+                   help="keep each input's size (centre-cropped to whole patches) even where the "
+                   "checkpoint records its training resolution")
     p.add_argument("--max-frames", type=cli.positive_int,
                    help="read at most this many frames of a video")
     p.add_argument("--tile", type=cli.positive_int, help="tile size in pixels for big inputs")
@@ -127,21 +141,26 @@ def main(argv=None) -> dict:
     p.add_argument("--device", type=cli.device, default=cli.default_device())
     args = p.parse_args(argv)
 
-    from vitok_fast.checkpoint import resolve_ckpt
-    from vitok_fast.model import ViTok
-
-    paths = expand_inputs(args.inputs)
-    model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
-                                  **({"use_kernels": False} if args.no_kernels else {})).eval()
-    cli.check_sizes(model.config, resolution=args.resolution, tile=args.tile, overlap=args.overlap)
+    if args.native and args.resolution:
+        raise cli.UserError(f"--native keeps each input's size, --resolution {args.resolution} "
+                            f"resizes it: give one of them")
+    named = expand_inputs(args.inputs)
+    model, folder, size = cli.load_vitok(
+        args.ckpt, "reconstruct", device=args.device, no_kernels=args.no_kernels,
+        resolution=args.resolution, tile=args.tile, overlap=args.overlap,
+        native=lambda size: args.native or size["size_source"] == "default")
+    model.eval()
+    resolution = size["resolution"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, failed = {}, {}
+    paths = list(named)
     for path in tqdm(paths, desc="reconstruct", unit="file", disable=len(paths) < 2):
         try:
+            (out / named[path]).parent.mkdir(parents=True, exist_ok=True)
             results[str(path)] = reconstruct_file(
-                model, path, out, resolution=args.resolution, max_frames=args.max_frames,
-                tile=args.tile, overlap=args.overlap, device=args.device)
+                model, path, out, resolution=resolution, max_frames=args.max_frames,
+                tile=args.tile, overlap=args.overlap, device=args.device, name=named[path])
         except cli.USER_ERRORS as e:  # this file is bad: say why, go on with the others
             failed[str(path)] = str(e)
             print(f"failed: {path}: {e}", file=sys.stderr)
@@ -149,6 +168,13 @@ def main(argv=None) -> dict:
         print(f"{results[str(path)]:8.3f} dB  {path}")
     atomic_write(out / "psnr.json",
                  lambda f: Path(f).write_text(json.dumps(results, indent=2) + "\n"))
+    settings = {"model": model.config.name, "ckpt": str(folder.resolve()),
+                "resolution": resolution, "native_size": resolution is None,
+                **{k: size[k] for k in ("trained_resolution", "size_source")},
+                "files": [{"source": str(p), "output": named[p], "psnr": results[str(p)]}
+                          for p in paths if str(p) in results]}
+    atomic_write(out / "reconstruct.json",
+                 lambda f: Path(f).write_text(json.dumps(settings, indent=2) + "\n"))
     print(f"wrote {len(results)} reconstructions to {out}", file=sys.stderr)
     if failed:
         raise cli.UserError(f"{len(failed)} of {len(paths)} inputs failed ({', '.join(failed)}; "

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from vitok_fast import distributed as D
-from vitok_fast.checkpoint import load_resume, save_checkpoint
+from vitok_fast.checkpoint import load_resume, save_checkpoint, step_dir_name
 from vitok_fast.data import make_loader
 from vitok_fast.faults import kill_point
 from vitok_fast.training import (NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
@@ -169,6 +169,11 @@ class TrainingRun:
                                  self.dist.world)
             logger.print(f"throughput: {record['images_per_s_per_gpu']:.1f} images/s per GPU, "
                          f"MFU {record['mfu']} -> {args.bench_out}")
+        final = self.out_dir / step_dir_name(step)
+        if self.main and final.is_dir():  # the loop saves the last step
+            logger.print(f"final checkpoint: {final}" + (
+                f" (EMA weights in {final / 'ema'})" if (final / "ema").is_dir() else "")
+                + f"; the tools take it, or the run directory {self.out_dir}, as --ckpt")
         logger.close()
         D.cleanup()
-        return self.result(step, **extra)
+        return self.result(step, **extra, final_checkpoint=str(final))

@@ -51,8 +51,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    "'embedded' (the 15 photos shipped with scikit-image) or 'embedded-video'; "
                    "required unless --smoke (which uses embedded / embedded-video)")
     g.add_argument("--val-data", default=None, help="held-out data for the PSNR and image grids "
-                   "(default: the embedded held-out photos for embedded data, else none; "
-                   "'' for none)")
+                   "(default: the embedded held-out photos for embedded data, a fixed 1%% slice "
+                   "of a folder's files, excluded from training, else none; '' for none)")
     g.add_argument("--num-workers", type=cli.nonnegative_int, default=4,
                    help="data-loader workers per rank")
     g = p.add_argument_group("optimisation")
@@ -586,12 +586,35 @@ def _triton_version() -> str | None:
 def image_data(args, device: torch.device):
     """The autoencoder stages' data: the training stream of ``--data`` and the held-out
     batch of ``--val-data`` on ``device`` (None without one); a bad path, pattern or file
-    is a user error naming its option."""
-    from vitok_fast.data import make_dataset
+    is a user error naming its option. A folder given without ``--val-data`` gives up a
+    fixed slice of its files (1%, at least 4; :func:`vitok_fast.data.split_heldout`) as the
+    held-out set, excluded from training and reported; ``args.heldout`` describes it."""
+    from vitok_fast.data import UnreadableItem, make_dataset, split_heldout
 
     with cli.option("--data", args.data):
         train_set = make_dataset(args.data, args.resolution, args.frames,
                                  frame_stride=args.frame_stride, train=True, seed=args.seed)
+    args.heldout = args.val_data
+    if args.val_data is None:
+        total = len(getattr(train_set, "files", ()))
+        train_set, held = split_heldout(train_set)
+        if held is not None:
+            batch = []
+            for i in range(len(held)):  # the first readable ones, centre-cropped
+                try:
+                    batch.append(held[i])
+                except UnreadableItem:
+                    continue
+                if len(batch) == args.val_images:
+                    break
+            args.heldout = (f"a held-out slice of --data: {len(held.files)} of its {total} files, "
+                            f"excluded from training")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"no --val-data: holding out {len(held.files)} of the {total} files of "
+                      f"{args.data} (evenly spaced, excluded from training) for the held-out "
+                      f"PSNR and sample grids (--val-data '' for none); e.g. {held.files[0]}",
+                      file=sys.stderr)
+            return train_set, torch.stack(batch).to(device) if batch else None
     with cli.option("--val-data", args.val_data):
         val_batch = heldout_batch(args, args.val_images)
     return train_set, (val_batch.to(device) if val_batch is not None else None)
@@ -623,16 +646,21 @@ def evaluate(model: nn.Module, batch: torch.Tensor, dtype: torch.dtype):
 
 
 def save_grid(path, inputs: torch.Tensor, recon: torch.Tensor) -> None:
-    """A PNG: each row an input beside its reconstruction (videos: a row of input frames
-    over a row of reconstructed frames, per clip)."""
-    from PIL import Image
-
+    """A PNG: each row an input beside its reconstruction, captioned with the
+    reconstruction's PSNR (videos: a row of input frames over a row of reconstructed frames,
+    per clip)."""
+    from vitok_fast.media import save_sample_grid
 
     if inputs.ndim == 4:
-        rows = [torch.cat([a, b], dim=2) for a, b in zip(inputs, recon)]  # (3, H, 2W)
-    else:
-        rows = [torch.cat(list(clip.unbind(1)), dim=2) for pair in zip(inputs, recon)
-                for clip in pair]  # (3, H, T*W)
+        scores = psnr(inputs.float().cpu(), recon.float().cpu().clamp(-1, 1))
+        pairs = torch.stack([inputs.float().cpu(), recon.float().cpu()], 1).flatten(0, 1)
+        captions = [c for s in scores.tolist() for c in ("input", f"{s:.2f} dB")]
+        save_sample_grid(path, pairs, len(inputs), captions=captions)
+        return
+    from PIL import Image
+
+    rows = [torch.cat(list(clip.unbind(1)), dim=2) for pair in zip(inputs, recon)
+            for clip in pair]  # (3, H, T*W)
     grid = torch.cat(rows, dim=1)
     pixels = ((grid.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
