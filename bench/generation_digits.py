@@ -79,12 +79,14 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*stats)
 
 
-def train_vitok(x, steps, seed, batch=64, lr=2e-3, channels=8):
+def train_vitok(x, steps, seed, batch=64, lr=2e-3, channels=8, name="T-T/8", **config):
+    """A ViTok ``name`` (``config``: any other ViTokConfig field) trained on ``x`` with MSE +
+    1e-3 KL."""
     from vitok_fast.losses import reconstruction_loss
     from vitok_fast.model import ViTok
 
     torch.manual_seed(seed)
-    model = ViTok.from_name("T-T/8", channels=channels, use_kernels=False)
+    model = ViTok.from_name(name, channels=channels, use_kernels=False, **config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
@@ -103,14 +105,14 @@ def train_vitok(x, steps, seed, batch=64, lr=2e-3, channels=8):
     return model.eval()
 
 
-def train_dit(z, y, num_classes, steps, seed, batch=64, lr=2e-3, ema_decay=0.995):
+def train_dit(z, y, num_classes, steps, seed, batch=64, lr=2e-3, ema_decay=0.995, name="DiT-T/2"):
     from tqdm import tqdm
 
     from vitok_fast.dit import DiT, Diffusion
     from vitok_fast.training import EMA
 
     torch.manual_seed(seed)
-    model = DiT.from_name("DiT-T/2", channels=z.shape[1], num_classes=num_classes,
+    model = DiT.from_name(name, channels=z.shape[1], num_classes=num_classes,
                           use_kernels=False)
     diffusion = Diffusion()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,6 +141,46 @@ def generate(vitok, dit, diffusion, norm, labels, latent_shape, cfg, steps, seed
     return vitok.decode(norm.denormalize(z)).clamp(-1, 1)
 
 
+def latents_through_shards(posterior, labels, meta: dict, workdir=None) -> dict:
+    """The training latents written as labelled shards + stats.json (the format
+    ``python -m vitok_fast.encode`` writes) and read back through the DiT's reader, as a
+    real run would."""
+    from vitok_fast.latents import load_latent_set, write_latent_set
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        write_latent_set(tmp, posterior.mean, posterior.logvar, torch.from_numpy(labels),
+                         classes=[str(k) for k in range(10)],
+                         paths=[f"sklearn-digits/train/{i}" for i in range(len(labels))],
+                         meta=meta)
+        return load_latent_set(tmp)
+
+
+def fit_judges(X_train, y_train):
+    """The scorers of generated digits, fit on the real training pixels: an SVM and PCA(16)."""
+    from sklearn.decomposition import PCA
+    from sklearn.svm import SVC
+
+    return SVC(gamma=0.001).fit(X_train, y_train), PCA(n_components=16, random_state=0).fit(X_train)
+
+
+def sample_and_score(vitok, dit, diffusion, norm, latent_shape, judges, X_held, *,
+                     per_class, cfg, sampling_steps, seed):
+    """``per_class`` digits of each class at ``cfg`` and as many of the null class, scored:
+    returns ``({accuracy_conditional, accuracy_unconditional, fd_samples}, conditional images)``."""
+    classifier, pca = judges
+    labels = torch.arange(10).repeat_interleave(per_class)
+    cond = generate(vitok, dit, diffusion, norm, labels, latent_shape, cfg, sampling_steps, seed)
+    null = torch.full_like(labels, dit.config.num_classes)
+    uncond = generate(vitok, dit, diffusion, norm, null, latent_shape, 1.0, sampling_steps, seed + 7)
+    px_cond, px_uncond = to_pixels(cond), to_pixels(uncond)
+    scores = {
+        "accuracy_conditional": float((classifier.predict(px_cond) == labels.numpy()).mean()),
+        "accuracy_unconditional": float((classifier.predict(px_uncond) == labels.numpy()).mean()),
+        "fd_samples": frechet(pca.transform(px_cond), pca.transform(X_held)),
+    }
+    return scores, cond
+
+
 def save_grid(path, images: torch.Tensor, rows: int) -> None:
     """A PNG of ``images`` (N, 3, H, W) in [-1, 1] with ``rows`` rows."""
     from PIL import Image
@@ -156,11 +198,7 @@ def run_check(seed: int = 0, *, vitok_steps: int = 600, dit_steps: int = 3000,
               per_class: int = 50, cfg: float = 1.5, sampling_steps: int = 50,
               grid: str | None = None, workdir: str | None = None) -> dict:
     """The whole check; returns the record with KEYS."""
-    from sklearn.decomposition import PCA
-    from sklearn.svm import SVC
-
     from vitok_fast.dit import LatentNorm
-    from vitok_fast.latents import load_latent_set, write_latent_set
     from vitok_fast.losses import psnr
 
     start = time.perf_counter()
@@ -172,30 +210,22 @@ def run_check(seed: int = 0, *, vitok_steps: int = 600, dit_steps: int = 3000,
         tokenizer_psnr = float(psnr(x_held, vitok(x_held, sample=False)[0]).mean())
         posterior = vitok.encode(x_train)
 
-    # the labelled latent shards + stats.json, written and read back as a real run would
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        write_latent_set(tmp, posterior.mean, posterior.logvar, torch.from_numpy(y_train),
-                         classes=[str(k) for k in range(10)],
-                         paths=[f"sklearn-digits/train/{i}" for i in range(len(y_train))],
-                         meta={"model": "T-T/8", "resolution": 32, "frames": 1})
-        latents = load_latent_set(tmp)
+    latents = latents_through_shards(posterior, y_train, workdir=workdir,
+                                     meta={"model": "T-T/8", "resolution": 32, "frames": 1})
     norm = LatentNorm(latents["stats"])
     z = norm.normalize(latents["mean"])
     dit, diffusion = train_dit(z, latents["label"], len(latents["index"]["classes"]), dit_steps, seed)
 
-    labels = torch.arange(10).repeat_interleave(per_class)
-    cond = generate(vitok, dit, diffusion, norm, labels, z.shape[1:], cfg, sampling_steps, seed)
-    null = torch.full_like(labels, dit.config.num_classes)
-    uncond = generate(vitok, dit, diffusion, norm, null, z.shape[1:], 1.0, sampling_steps, seed + 7)
-
-    classifier = SVC(gamma=0.001).fit(X_train, y_train)
-    px_cond, px_uncond = to_pixels(cond), to_pixels(uncond)
-    pca = PCA(n_components=16, random_state=0).fit(X_train)
-    record = {
-        "accuracy_conditional": float((classifier.predict(px_cond) == labels.numpy()).mean()),
-        "accuracy_unconditional": float((classifier.predict(px_uncond) == labels.numpy()).mean()),
+    judges = fit_judges(X_train, y_train)
+    scores, cond = sample_and_score(vitok, dit, diffusion, norm, z.shape[1:], judges, X_held,
+                                    per_class=per_class, cfg=cfg,
+                                    sampling_steps=sampling_steps, seed=seed)
+    classifier, pca = judges
+    record = {  # the keys in the order the committed JSON has them
+        "accuracy_conditional": scores["accuracy_conditional"],
+        "accuracy_unconditional": scores["accuracy_unconditional"],
         "accuracy_real_heldout": float((classifier.predict(X_held) == y_held).mean()),
-        "fd_samples": frechet(pca.transform(px_cond), pca.transform(X_held)),
+        "fd_samples": scores["fd_samples"],
         "fd_real": frechet(pca.transform(X_train), pca.transform(X_held)),
         "tokenizer_psnr_heldout": tokenizer_psnr,
         "seconds": round(time.perf_counter() - start, 1),
