@@ -206,3 +206,80 @@ def test_latents_encoded_from_class_folders_load_with_their_labels(smoke_run, tm
     assert latents["mean"].shape == (6, 16, 4, 4)
     z = LatentNorm(latents["stats"]).normalize(latents["mean"]).double()
     assert abs(z.mean().item()) < 1e-5 and abs(z.std(unbiased=False).item() - 1) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory):
+    """An untrained tubelet ViTok and a DiT on its (c, T/4, H/8, W/8) latents, laid out as
+    train/dit.py leaves a run: what python -m vitok_fast.sample reads."""
+    from vitok_fast.model import ViTok
+    from vitok_fast.sample import LATENT_FILE
+
+    out = tmp_path_factory.mktemp("video_run")
+    torch.manual_seed(0)
+    ViTok.from_name("T-T/4x8", channels=4, use_kernels=False).save_pretrained(out / "vitok")
+    DiT.from_name("DiT-T/2", channels=4, num_classes=2, use_kernels=False).save_pretrained(out / "dit")
+    (out / "dit" / LATENT_FILE).write_text(json.dumps({
+        "stats": {"shift_factor": 0.0, "scaling_factor": 1.0}, "latent_shape": [4, 4, 4, 4],
+        "vitok": str(out / "vitok")}))
+    return out
+
+
+def test_sample_cli_writes_video_samples_as_mp4s_that_decode_to_their_frames(video_run, tmp_path):
+    import av
+
+    from vitok_fast import sample
+
+    out = tmp_path / "samples"
+    result = sample.main(["--dit", str(video_run / "dit"), "--classes", "0,1", "--per-class", "2",
+                          "--steps", "2", "--out", str(out), "--no-kernels", "--device", "cpu"])
+    assert result["shape"] == [4, 16, 32, 32, 3]
+    files = sorted(out.glob("*.mp4"))
+    assert [f.name for f in files] == ["0000_0000.mp4", "0000_0001.mp4", "0001_0000.mp4",
+                                       "0001_0001.mp4"]
+    pixels = np.load(out / "samples.npz")["pixels"]
+    for i, (f, clip) in enumerate(zip(files, pixels)):
+        with av.open(str(f)) as container:
+            frames = np.stack([x.to_ndarray(format="rgb24") for x in container.decode(video=0)])
+        assert frames.shape == (16, 32, 32, 3)
+        # a lossy codec, but the file holds this sample: far closer to it than to the next one
+        own, other = (np.abs(frames.astype(float) - c).mean() for c in (clip, pixels[(i + 1) % 4]))
+        assert own < 0.25 * other, (own, other)
+
+
+@pytest.mark.slow(reason="I3D on 10 clips at 224x224 (~1 min on 2 cores, more when shared)")
+def test_gfvd_of_video_samples_and_rfvd_of_a_video_folder_with_i3d_weights(video_run, tmp_path):
+    import shutil
+
+    from vitok_fast import evaluate, sample
+    from vitok_fast.reconstruct import write_video
+
+    torch.manual_seed(0)
+    weights = tmp_path / M.I3D_FILE
+    torch.save(M.I3D().state_dict(), weights)  # random: shapes and determinism, not quality
+    sample.main(["--dit", str(video_run / "dit"), "--classes", "0,1", "--steps", "2",
+                 "--out", str(tmp_path / "samples"), "--no-kernels", "--device", "cpu"])
+    clips = tmp_path / "clips"  # the MP4s alone: a folder of generated videos
+    clips.mkdir()
+    for f in (tmp_path / "samples").glob("*.mp4"):
+        shutil.copy(f, clips)
+    real = tmp_path / "real"  # UCF-101's layout: class folders of videos of another size
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (real / c).mkdir(parents=True)
+        write_video(real / c / "v.mp4", rng.integers(0, 255, (20, 40, 48, 3), dtype=np.uint8))
+
+    common = ["--i3d", str(weights), "--device", "cpu", "--batch-size", "2"]
+    first = evaluate.main(["--generated", str(clips), "--ref-stats", str(real),
+                           "--stats-out", str(tmp_path / "stats.npz"), *common])
+    assert first["num_samples"] == 2 and first["frames"] == 16 and first["resolution"] == [32, 32]
+    assert math.isfinite(first["gfvd"]) and first["gfvd"] > 0
+    assert np.load(tmp_path / "stats.npz")["mu"].shape == (400,)
+    again = evaluate.main(["--generated", str(clips), "--ref-stats", str(tmp_path / "stats.npz"),
+                           *common])
+    assert abs(again["gfvd"]) < 1e-6  # the same clips give the same features
+
+    rec = evaluate.main(["--ckpt", str(video_run / "vitok"), "--data", str(real), "--metrics",
+                         "fvd", "--resolution", "32", "--frames", "16", "--num-workers", "0",
+                         "--out", str(tmp_path / "eval.json"), *common])
+    assert rec["num_samples"] == 2 and math.isfinite(rec["rfvd"]) and rec["rfvd"] > 0

@@ -7,7 +7,8 @@
 Images: rFID, PSNR, SSIM, LPIPS at 256p (or --resolution 512) centre crops. Videos (a model
 with tubelets of q > 1 frames): rFVD on 16x128x128 clips, PSNR, SSIM and LPIPS per frame.
 Prints a table and writes JSON; the metric definitions are in vitok_fast/metrics.py and
-docs/evaluation.md.
+docs/evaluation.md. ``--generated DIR`` scores samples instead (python -m vitok_fast.sample):
+gFID and gIS of images, gFVD of clips (docs/generation.md).
 """
 
 from __future__ import annotations
@@ -199,11 +200,14 @@ def resolve_ckpt(path) -> Path:
 
 
 def load_generated(path) -> torch.Tensor:
-    """uint8 (N, 3, H, W) images from a folder written by python -m vitok_fast.sample (its
-    samples.npz), any folder of PNG/JPEG files, or an .npz holding ``pixels`` or ``arr_0``
-    (ADM's reference batches) as (N, H, W, 3) uint8."""
+    """uint8 images (N, 3, H, W) or clips (N, 3, T, H, W) from a folder written by
+    python -m vitok_fast.sample (its samples.npz), any folder of PNG/JPEG images or of video
+    files of one size, or an .npz holding ``pixels`` or ``arr_0`` (ADM's reference batches)
+    as (N, H, W, 3) or (N, T, H, W, 3) uint8."""
     import numpy as np
     from PIL import Image
+
+    from vitok_fast.data import IMAGE_EXTS, VIDEO_EXTS
 
     path = Path(path)
     if path.is_dir() and (path / "samples.npz").is_file():
@@ -215,16 +219,29 @@ def load_generated(path) -> torch.Tensor:
             raise ValueError(f"{path} holds {sorted(data)}: expected 'pixels' or 'arr_0' images")
         images = data[key]
     elif path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not files:
-            raise FileNotFoundError(f"{path} holds no samples.npz and no PNG/JPEG images")
-        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        videos = sorted(f for f in path.iterdir() if f.suffix.lower() in VIDEO_EXTS)
+        if files:
+            images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        elif videos:
+            from vitok_fast.reconstruct import read_video
+
+            clips = [read_video(f)[0] for f in videos]
+            shapes = sorted({c.shape for c in clips})
+            if len(shapes) > 1:
+                raise ValueError(f"the videos in {path} have {len(shapes)} shapes (T, H, W, 3) "
+                                 f"{shapes[:3]}: generated clips must share one; pass samples.npz")
+            images = np.stack(clips)
+        else:
+            raise FileNotFoundError(f"{path} holds no samples.npz, no PNG/JPEG images and no "
+                                    f"videos ({', '.join(VIDEO_EXTS)})")
     else:
         raise FileNotFoundError(f"--generated expects a folder of samples or an .npz, got {path}")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3) in {path}, got {images.dtype} "
-                         f"{images.shape} (video samples: score them with FVD, not gFID)")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    if images.dtype != np.uint8 or images.ndim not in (4, 5) or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3) or clips (N, T, H, W, 3) in "
+                         f"{path}, got {images.dtype} {images.shape}")
+    order = (0, 3, 1, 2) if images.ndim == 4 else (0, 4, 1, 2, 3)
+    return torch.from_numpy(images).permute(*order).contiguous()
 
 
 @torch.no_grad()
@@ -265,34 +282,96 @@ def _stats_from_moments(mu, sigma, n: int = 50_000) -> "M.FrechetStats":
     return stats
 
 
-def evaluate_generated(args) -> dict:
-    """``--generated DIR --ref-stats REF``: gFID and gIS; ``--stats-out`` keeps the mu/sigma."""
+@torch.no_grad()
+def i3d_stats(batches, i3d, *, device="cpu", progress: bool = True) -> "M.FrechetStats":
+    """FVD statistics (I3D's 400 logits) of uint8 clips (B, 3, T, H, W), batch by batch."""
+    stats = M.FrechetStats(400)
+    for clips in tqdm(batches, desc="I3D", disable=not progress):
+        stats.update(M.i3d_features(i3d, clips.to(device)).cpu())
+    return stats
+
+
+def real_clip_batches(source, frames: int, resolution: int, batch_size: int):
+    """uint8 clips of a real video folder (UCF-101's class folders, any layout
+    vitok_fast.data reads) at the generated clips' size: shorter side resized to
+    ``resolution``, centre crop, the first ``frames`` frames (the evaluation protocol)."""
+    from vitok_fast.data import make_dataset
+
+    dataset = make_dataset(str(source), resolution, frames, train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return (M.quantize(x) for x in loader)
+
+
+def evaluate_generated_videos(args, clips: torch.Tensor) -> dict:
+    """gFVD of generated uint8 clips (N, 3, T, H, W) against ``--ref-stats``: an .npz with
+    the I3D ``mu`` and ``sigma``, samples (samples.npz or a folder of same-size clips), or a
+    folder of real videos, read at the samples' size."""
     import numpy as np
 
-    if not args.ref_stats and not args.stats_out:
-        raise ValueError("--generated needs --ref-stats (an .npz with mu and sigma, e.g. ADM's "
-                         "VIRTUAL_imagenet256_labeled.npz, or a folder / .npz of real images), "
-                         "or --stats-out to write the statistics of DIR as a reference")
-    inception = M.load_inception(args.inception, args.device, features=("2048", "logits_unbiased"))
-    images = load_generated(args.generated)
+    i3d = M.load_i3d(args.i3d, args.device)
+    batches = lambda x: (x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size))
+    T, H, W = clips.shape[2:]
     ref = None
     if args.ref_stats:
         ref_path = Path(args.ref_stats)
         data = np.load(ref_path) if ref_path.suffix == ".npz" and ref_path.is_file() else None
         if data is not None and "mu" in data and "sigma" in data:
-            ref = (data["mu"], data["sigma"])
-        else:  # real images: their features are the reference
-            _, ref = generation_metrics(load_generated(ref_path), None, inception,
-                                        batch_size=args.batch_size, device=args.device)
-    results, stats = generation_metrics(images, ref, inception, batch_size=args.batch_size,
-                                        device=args.device)
-    results = {"generated": str(args.generated), "ref_stats": args.ref_stats, **results,
-               "protocol": f"torch-fidelity Inception-v3 ({M.INCEPTION_FILE}): 2048-d pool "
-                           f"features for gFID, logits_unbiased for gIS (10 splits)"}
+            if data["mu"].shape != (400,):
+                raise ValueError(f"--ref-stats {ref_path} holds statistics of {data['mu'].shape} "
+                                 f"features; gFVD needs I3D's 400 (written by --stats-out on "
+                                 f"clips)")
+            ref = _stats_from_moments(data["mu"], data["sigma"])
+        elif data is not None or (ref_path / "samples.npz").is_file():
+            ref = i3d_stats(batches(load_generated(ref_path)), i3d, device=args.device)
+        else:
+            if H != W:
+                raise ValueError(f"real reference videos are centre-cropped square; the samples "
+                                 f"are {H}x{W}: pass reference statistics or clips of that size")
+            ref = i3d_stats(real_clip_batches(ref_path, T, H, args.batch_size), i3d,
+                            device=args.device)
+    stats = i3d_stats(batches(clips), i3d, device=args.device)
+    results = {"generated": str(args.generated), "ref_stats": args.ref_stats,
+               **({"gfvd": M.frechet_distance(ref, stats)} if ref is not None else {}),
+               "num_samples": len(clips), "frames": T, "resolution": [H, W],
+               "protocol": f"I3D 400-d logits ({M.I3D_FILE}), TF1 bilinear resize to 224, "
+                           f"[-1, 1]"}
+    return results, stats
+
+
+def evaluate_generated(args) -> dict:
+    """``--generated DIR --ref-stats REF``: gFID and gIS of images, gFVD of clips;
+    ``--stats-out`` keeps the mu/sigma."""
+    import numpy as np
+
+    if not args.ref_stats and not args.stats_out:
+        raise ValueError("--generated needs --ref-stats (an .npz with mu and sigma, e.g. ADM's "
+                         "VIRTUAL_imagenet256_labeled.npz, or a folder / .npz of real images or "
+                         "videos), or --stats-out to write the statistics of DIR as a reference")
+    images = load_generated(args.generated)
+    if images.ndim == 5:
+        results, stats = evaluate_generated_videos(args, images)
+    else:
+        inception = M.load_inception(args.inception, args.device,
+                                     features=("2048", "logits_unbiased"))
+        ref = None
+        if args.ref_stats:
+            ref_path = Path(args.ref_stats)
+            data = np.load(ref_path) if ref_path.suffix == ".npz" and ref_path.is_file() else None
+            if data is not None and "mu" in data and "sigma" in data:
+                ref = (data["mu"], data["sigma"])
+            else:  # real images: their features are the reference
+                _, ref = generation_metrics(load_generated(ref_path), None, inception,
+                                            batch_size=args.batch_size, device=args.device)
+        results, stats = generation_metrics(images, ref, inception, batch_size=args.batch_size,
+                                            device=args.device)
+        results = {"generated": str(args.generated), "ref_stats": args.ref_stats, **results,
+                   "protocol": f"torch-fidelity Inception-v3 ({M.INCEPTION_FILE}): 2048-d pool "
+                               f"features for gFID, logits_unbiased for gIS (10 splits)"}
     if args.stats_out:
         mu, sigma = stats.mean_cov()
         atomic_write(Path(args.stats_out), lambda p: np.savez(open(p, "wb"), mu=mu, sigma=sigma))
-    print(" | ".join(f"{k.upper()} {results[k]:.4f}" for k in ("gfid", "gis") if k in results))
+    print(" | ".join(f"{k.upper()} {results[k]:.4f}" for k in ("gfid", "gis", "gfvd")
+                     if k in results))
     if args.out:
         atomic_write(Path(args.out), lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
     return results
@@ -310,10 +389,12 @@ def parse_args(argv=None):
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="directory written by ViTok.save_pretrained")
     p.add_argument("--data", help="any source vitok_fast.data.make_dataset reads")
-    p.add_argument("--generated", help="instead of --ckpt/--data: gFID and gIS of the samples in "
-                   "this folder (python -m vitok_fast.sample) against --ref-stats")
+    p.add_argument("--generated", help="instead of --ckpt/--data: gFID and gIS of the image "
+                   "samples in this folder (python -m vitok_fast.sample), or gFVD of its video "
+                   "samples, against --ref-stats")
     p.add_argument("--ref-stats", help="with --generated: an .npz with mu and sigma (ADM's "
-                   "reference batches hold them), or a folder / .npz of real images")
+                   "reference batches hold them), a folder / .npz of real images, or a folder "
+                   "of real videos (UCF-101's class folders: read at the samples' size)")
     p.add_argument("--stats-out", help="with --generated: write the samples' mu and sigma here")
     p.add_argument("--resolution", type=cli.positive_int,
                    help="centre-crop size (default 256 images, 128 videos)")
