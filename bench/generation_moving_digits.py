@@ -152,6 +152,16 @@ def read_digits(clips: torch.Tensor) -> np.ndarray:
     return (F.avg_pool2d(window[:, None], UP) * 16).reshape(N, T, 64).numpy()
 
 
+def frame_classifier(clips: torch.Tensor, labels: np.ndarray):
+    """An SVM fit on every 4th frame of real ``clips`` read by :func:`read_digits`; returns
+    ``predict(clips) -> (N, T)`` classes of every frame."""
+    from sklearn.svm import SVC
+
+    frames = read_digits(clips)[:, ::4]
+    svm = SVC(gamma=0.001).fit(frames.reshape(-1, 64), np.repeat(labels, frames.shape[1]))
+    return lambda x: svm.predict(read_digits(x).reshape(-1, 64)).reshape(len(x), -1)
+
+
 def motion(clips: torch.Tensor) -> float:
     """Mean distance, in pixels, the centre of mass moves from one frame to the next."""
     com = centre_of_mass(grey_frames(clips).double())
@@ -226,7 +236,6 @@ def run_check(seed: int = 0, *, vitok_steps: int = 2000, dit_steps: int = 3000,
               save: str | None = None, workdir: str | None = None) -> dict:
     """The whole check; returns the record with KEYS (device and versions left to main)."""
     from sklearn.decomposition import PCA
-    from sklearn.svm import SVC
 
     from vitok_fast.dit import LatentNorm, load_latent_set, write_latent_set
     from vitok_fast.losses import psnr
@@ -260,12 +269,7 @@ def run_check(seed: int = 0, *, vitok_steps: int = 2000, dit_steps: int = 3000,
     samples = digits.generate(vitok, dit, diffusion, norm, labels, z.shape[1:], cfg,
                               sampling_steps, seed)
 
-    # the SVM reads frames of real training clips (one clip per digit, every 4th frame)
-    real_frames = read_digits(train_clips[::clips_per_digit])[:, ::4]
-    classifier = SVC(gamma=0.001).fit(real_frames.reshape(-1, 64),
-                                      np.repeat(y_train, real_frames.shape[1]))
-    predict = lambda clips: classifier.predict(read_digits(clips).reshape(-1, 64)).reshape(
-        len(clips), -1)
+    predict = frame_classifier(train_clips[::clips_per_digit], y_train)
     pred, pred_held = predict(samples), predict(held)
     agree = np.array([np.bincount(p, minlength=10).max() for p in pred])
 
