@@ -20,7 +20,8 @@ EXTRAS = {
     # Hub ids in ViTok.from_pretrained and push_to_hub; vitok_fast.diffusers.AutoencoderViTok.
     # Both optional: `import vitok_fast` imports neither.
     "hub": ["huggingface_hub>=0.23"],
-    "diffusers": ["diffusers>=0.27", "huggingface_hub>=0.23"],
+    # accelerate: diffusers' group offloading, device_map loads and pipeline CPU offload.
+    "diffusers": ["diffusers>=0.27", "huggingface_hub>=0.23", "accelerate>=0.31"],
 }
 EXTRAS["dev"] = sorted({dep for deps in EXTRAS.values() for dep in deps} | {"pytest>=8"})
 

@@ -159,7 +159,8 @@ def run_check(seed: int = 0, *, vitok_steps: int = 600, dit_steps: int = 3000,
     from sklearn.decomposition import PCA
     from sklearn.svm import SVC
 
-    from vitok_fast.dit import LatentNorm, load_latent_set, write_latent_set
+    from vitok_fast.dit import LatentNorm
+    from vitok_fast.latents import load_latent_set, write_latent_set
     from vitok_fast.losses import psnr
 
     start = time.perf_counter()

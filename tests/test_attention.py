@@ -18,16 +18,15 @@ from vitok_fast.model import CONFIG_FILE, Attention
 CPU_BACKENDS = ("sdpa", "flash", "math", "auto")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
 @pytest.fixture(autouse=True)
-def _one_thread_clean_cache():
-    # tiny ops: a second intra-op thread only spin-waits on a shared 2-core box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _clean_cache():
     A.clear_autotune_cache()
     A._SAID.clear()  # "auto"'s once-per-process warnings, so each test sees its own
     yield
     A.clear_autotune_cache()
-    torch.set_num_threads(threads)
 
 
 def _qkv(B, H, N, D, dtype=torch.float32, model_layout=False):

@@ -19,16 +19,16 @@ from vitok_fast import attention as A
 U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
 @pytest.fixture(autouse=True)
-def _one_thread_clean_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: a second intra-op thread only spin-waits
+def _clean_state():
     A.clear_autotune_cache()
     A._SAID.clear()
     yield
     A.clear_autotune_cache()
     A._SAID.clear()
-    torch.set_num_threads(threads)
 
 
 def _model_qkv(B, H, N, D, dtype=torch.float32, seed=0, amp=1.0):

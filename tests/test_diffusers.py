@@ -156,9 +156,10 @@ def test_save_and_load_in_diffusers_layout_round_trips_bit_for_bit(pair, tmp_pat
     model, vae = pair
     vae.save_pretrained(tmp_path / "vae")
     assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors"]
+        "config.json", "diffusion_pytorch_model.safetensors", "vitok_autoencoder.py"]
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert config["_class_name"] == "AutoencoderViTok"
+    assert config["auto_map"] == {"AutoModel": "vitok_autoencoder.AutoencoderViTok"}
     assert (config["scaling_factor"], config["shift_factor"], config["latent_channels"]) == (0.5, 0.25, 16)
     loaded = AutoencoderViTok.from_pretrained(tmp_path / "vae").eval()
     assert loaded.vitok.config == model.config
@@ -185,7 +186,7 @@ def test_init_arguments_mirror_vitokconfig():
     params = inspect.signature(AutoencoderViTok.__init__).parameters
     fields = {f.name: f.default for f in dataclasses.fields(ViTokConfig)}
     fields["latent_channels"] = fields.pop("channels")
-    assert set(params) - {"self"} == set(fields) | {"scaling_factor", "shift_factor"}
+    assert set(params) - {"self"} == set(fields) | {"scaling_factor", "shift_factor", "sample_size"}
     assert {k: params[k].default for k in fields} == fields
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from vitok_fast.model import ViTok
-from _kernel_bounds import one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vitok_fast.kernels import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
-from _kernel_bounds import (DTYPES, STORE_ULP, U32, assert_within, fp32_bound,  # noqa: F401
-                            one_thread, ops_u32)
+from _kernel_bounds import DTYPES, STORE_ULP, U32, assert_within, fp32_bound, ops_u32
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

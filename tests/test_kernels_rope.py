@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vitok_fast.kernels import rope_3d, rope_3d_qk, rope_3d_qk_ref, rope_cos_sin, rope_split
-from _kernel_bounds import DTYPES, STORE_ULP, assert_within, fp32_bound, one_thread  # noqa: F401 (fixture)
+from _kernel_bounds import DTYPES, STORE_ULP, assert_within, fp32_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vitok_fast.kernels import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
-from _kernel_bounds import (DTYPES, STORE_ULP, U32, assert_within, fp32_bound,  # noqa: F401
-                            one_thread, ops_u32, sigmoid_rel)
+from _kernel_bounds import DTYPES, STORE_ULP, U32, assert_within, fp32_bound, ops_u32, sigmoid_rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

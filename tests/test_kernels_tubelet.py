@@ -8,8 +8,7 @@ from vitok_fast.config import SIZES
 from vitok_fast.kernels import (patchify, tubelet_embed, tubelet_embed_ref, tubelet_unembed,
                                 tubelet_unembed_ref, unpatchify)
 from vitok_fast.kernels.tubelet import weight_grad_grid
-from _kernel_bounds import (DTYPES, STORE_ULP, assert_within, dot_bound, fp32_bound,  # noqa: F401
-                            one_thread)
+from _kernel_bounds import DTYPES, STORE_ULP, assert_within, dot_bound, fp32_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -31,12 +31,7 @@ STEPS = 12  # long enough that a signal sent after step 1 lands well before the 
 stage1, stage2, dit = (load_script(f"train/{name}.py") for name in ("stage1", "stage2", "dit"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _args(out, *extra, resume=""):

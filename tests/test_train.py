@@ -21,14 +21,7 @@ from _scripts import ROOT, load_script
 stage1, stage2 = load_script("train/stage1.py"), load_script("train/stage2.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: a second intra-op thread buys nothing and, on a shared 2-core CI box,
-    # its spin-waits made each step up to 25x slower (measured). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _args(out, *extra):

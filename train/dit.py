@@ -11,7 +11,8 @@ read from labelled shards (index.json, stats.json) and normalised as
 ``(z - shift_factor) * scaling_factor`` (``--per-channel-norm``: each channel's mean and
 std); ``--posterior sample`` draws z = mean + std * eps afresh each step, as LDM and DiT do
 with their VAE. Unlabelled items (label -1) train the null class only. Everything around the
-loop (DDP, bf16, compile, exact resume, checkpoints, logging) is stage 1's (train/stage1.py).
+loop (DDP, bf16, exact resume, checkpoints, logging, signals) is the run skeleton the three
+scripts share (vitok_fast/run.py).
 """
 
 import argparse
@@ -22,16 +23,14 @@ import torch
 
 from vitok_fast import cli
 from vitok_fast import distributed as D
-from vitok_fast.checkpoint import load_resume, save_checkpoint
+from vitok_fast.checkpoint import save_checkpoint
 from vitok_fast.cli import UserError
-from vitok_fast.data import make_loader
-from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm, load_latent_set
+from vitok_fast.dit import LATENT_FILE, DiT, DiTConfig, Diffusion, LatentNorm  # <run>/latents.json
 from vitok_fast.fileio import atomic_write
-from vitok_fast.sample import LATENT_FILE  # <run>/latents.json: what the sample CLI reads
-from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
-                                 accumulation_steps, already_finished, autocast_dtype,
-                                 build_optimizer, clip_grad_norm, cosine_schedule, noise_seed,
-                                 restore_run_state, rng_state)
+from vitok_fast.latents import load_latent_set
+from vitok_fast.run import TrainingRun
+from vitok_fast.training import (EMA, StopOnSignal, build_optimizer, clip_grad_norm,
+                                 cosine_schedule, noise_seed)
 
 
 # [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
@@ -101,7 +100,7 @@ def parse_args(argv=None):
 def smoke_latents(out: Path, seed: int) -> tuple[Path, Path]:
     """Encode the embedded photos (32 px, 2 classes by parity) with a random T-T/8 ViTok."""
     from vitok_fast.data import make_dataset
-    from vitok_fast.dit import write_latent_set
+    from vitok_fast.latents import write_latent_set
     from vitok_fast.model import ViTok
 
     vitok_dir, latent_dir = out / "smoke" / "vitok", out / "smoke" / "latents"
@@ -139,13 +138,11 @@ def main(argv=None) -> dict:
 
 def train(argv, stop: StopOnSignal) -> dict:
     args = parse_args(argv)
-    dist = D.setup(args.device)
-    device, main_rank = dist.device, dist.is_main
-    dtype = autocast_dtype(args, device)
-    out_dir = Path(args.out_dir)
+    run = TrainingRun(args, stop)  # process group, device, dtype, out_dir, accumulation steps
+    dist, device, main_rank = run.dist, run.device, run.main
+    out_dir, accum, guard = run.out_dir, run.accum, run.guard
 
     # -- everything that can fail on user input fails here, before training starts ----------
-    accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
     if args.smoke and args.latents is None:
         if main_rank:
             args.latents, args.vitok = map(str, smoke_latents(out_dir, args.seed))
@@ -158,14 +155,14 @@ def train(argv, stop: StopOnSignal) -> dict:
     latent_shape = tuple(latents["mean"].shape[1:])
     vitok = None
     if args.vitok:
-        from vitok_fast.evaluate import resolve_ckpt
+        from vitok_fast.checkpoint import resolve_ckpt
         from vitok_fast.model import ViTok
 
         vitok = ViTok.from_pretrained(resolve_ckpt(args.vitok), device=device,
                                       **({"use_kernels": False} if args.no_kernels else {})).eval()
     config = DiTConfig.from_name(args.model, channels=latent_shape[0], num_classes=num_classes,
                                  class_dropout=args.class_dropout, use_kernels=not args.no_kernels)
-    resume_from, state = load_resume(args.resume, out_dir, verbose=main_rank)
+    resume_from, state = run.resume()
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
         info = {"latents": str(args.latents), "vitok": args.vitok, "stats": latents["stats"],
@@ -190,61 +187,47 @@ def train(argv, stop: StopOnSignal) -> dict:
         scheduler = cosine_schedule(optimizer, args.lr, args.max_steps, args.warmup_frac, args.min_lr)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    guard = NonFiniteGuard(args.max_nonfinite)
     diffusion = Diffusion()
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step = restore_run_state(state, args, guard, dist.rank, main_rank)
-    if already_finished(step, args.max_steps, out_dir, main_rank):
-        return {"step": step, "losses": [], "nonfinite_steps": guard.skipped,
-                "out_dir": str(out_dir)}
+        step = run.restore(state)  # the guard, this rank's RNG
+    if run.finished(step):
+        return run.result(step, losses=[])
 
-    loader = make_loader(LatentItems(latents), args.micro_batch_size, seed=args.seed,
-                         rank=dist.rank, world=dist.world, start_batches=step * accum,
-                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    stop.arm()  # from here a signal stops the run after the current step (workers inherit it)
-    batches = iter(loader)
+    batches = run.batches(LatentItems(latents), step)  # at the resumed position; signals armed
     noise = torch.Generator(device)
-    logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="DiT")
     n_params = sum(p.numel() for p in model.parameters())
-    if main_rank:
-        logger.print(f"{config.name}: {n_params / 1e6:.1f}M params on latents {latent_shape} "
-                     f"({len(latents['mean'])} items, {num_classes} classes) | {dist.world} "
-                     f"rank(s) x {args.micro_batch_size} x {accum} accum = "
-                     f"{args.global_batch_size} per step | "
-                     + (f"resumed from {resume_from} at step {step}" if state else "fresh start"))
     # 6 x params x tokens per sample, the usual transformer estimate (adaLN counted in full)
     tokens = latent_shape[-1] * latent_shape[-2] * (latent_shape[1] if len(latent_shape) == 4 else 1)
-    throughput = Throughput(n_params * tokens // config.patch_size**2, device, dist.world)
+    run.begin(step, "DiT",
+              f"{config.name}: {n_params / 1e6:.1f}M params on latents {latent_shape} "
+              f"({len(latents['mean'])} items, {num_classes} classes) | {dist.world} "
+              f"rank(s) x {args.micro_batch_size} x {accum} accum = "
+              f"{args.global_batch_size} per step | "
+              + (f"resumed from {resume_from} at step {step}" if state else "fresh start"),
+              n_params * tokens // config.patch_size**2)
+    logger, throughput = run.logger, run.throughput
     losses = []
-    saved_at = step
 
-    def checkpoint(step):
-        nonlocal saved_at
-        rngs = D.gather_objects(rng_state())
-        if main_rank:
-            save_checkpoint(out_dir, step, D.unwrap(model), {
-                "step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "guard": guard.state_dict(), "rng": rngs,
-                "args": vars(args), "data": {"batches_per_rank": step * accum,
-                                             "micro_batch": args.micro_batch_size,
-                                             "world": dist.world},
-            }, extra_models={"ema": ema.model}, keep=args.keep)
-        D.barrier()
-        saved_at = step
+    def checkpoint(step):  # every rank calls it
+        run.save(step, D.unwrap(model),
+                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                 data={"micro_batch": args.micro_batch_size, "world": dist.world},
+                 extra_models={"ema": ema.model}, write=save_checkpoint)
 
     def sample_grid(step):
         """One row per class (at most 8 classes, 8 samples each) from the EMA, fixed noise."""
-        from vitok_fast.sample import decode_samples, save_sample_grid
+        from vitok_fast.dit import decode_samples
+        from vitok_fast.media import save_sample_grid
 
         rows = min(num_classes, 8)
         y = torch.arange(rows, device=device).repeat_interleave(8)
         if not classes:
             y = torch.zeros_like(y)
         gen = torch.Generator(device).manual_seed(args.seed)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with run.autocast():
             z = diffusion.ddim_sample(ema.model, (len(y), *latent_shape), y,
                                       steps=args.sample_steps, cfg=args.cfg if classes else 1.0,
                                       generator=gen, device=device)
@@ -267,7 +250,7 @@ def train(argv, stop: StopOnSignal) -> dict:
             drop = (torch.rand(y.shape, device=device, generator=noise) < args.class_dropout) | (y < 0)
             y = y.clamp_min(0)
             with D.sync_gradients(model, micro == accum - 1):
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                with run.autocast():
                     loss = diffusion.loss(model, z, y, generator=noise, drop_labels=drop)
                 (loss / accum).backward()
             loss_sum += loss.detach()
@@ -280,32 +263,26 @@ def train(argv, stop: StopOnSignal) -> dict:
         lr_now = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
-        throughput.tick(args.global_batch_size)
+        run.tick(step)  # throughput, the bar, the fault-test hook
         losses.append(loss_mean)
-        logger.step()
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if run.due(step, args.log_every):
             per_s, mfu = throughput.rate()
             logger.log(step, {"train/loss": loss_mean, "train/grad_norm": float(grad_norm),
                               "train/lr": lr_now, "perf/latents_per_s": per_s, "perf/mfu": mfu,
                               "train/nonfinite_steps": guard.skipped},
                        bar={"loss": f"{loss_mean:.4f}", "lr": f"{lr_now:.1e}",
                             "lat/s": f"{per_s:.0f}"})
-        if main_rank and vitok is not None and (step % args.sample_every == 0
-                                                or step == args.max_steps):
+        if main_rank and vitok is not None and run.due(step, args.sample_every):
             sample_grid(step)
             logger.plot()
-        if step % args.save_every == 0 or step == args.max_steps:
+        if run.due(step, args.save_every):
             checkpoint(step)
-        if stop.agreed(device):  # every rank stops after the same step
+        if run.stop_agreed():  # every rank stops after the same step
             break
 
-    stop.exit_if_stopped(step, args.max_steps, saved_at, checkpoint, logger, out_dir,
-                         __file__, argv, main_rank)
-    logger.close()
-    D.cleanup()
-    return {"step": step, "losses": losses, "nonfinite_steps": guard.skipped,
-            "out_dir": str(out_dir)}
+    # a signal: save, say how to resume, exit; else close the logs and the process group
+    return run.finish(step, checkpoint, __file__, argv, losses=losses)
 
 
 if __name__ == "__main__":

@@ -11,22 +11,18 @@ The model knows nothing of DDP, compile or checkpoints: they are applied here, f
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from vitok_fast import ViTok, ViTokConfig, cli
 from vitok_fast import distributed as D
-from vitok_fast.checkpoint import load_resume, save_checkpoint
-from vitok_fast.data import make_dataset, make_loader
-from vitok_fast.faults import kill_point
+from vitok_fast.checkpoint import save_checkpoint
 from vitok_fast.losses import reconstruction_loss
-from vitok_fast.training import (NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
-                                 accumulation_steps, add_common_args, already_finished,
-                                 autocast_dtype, build_lpips, build_optimizer, check_resume_model,
-                                 clip_grad_norm, cosine_schedule, evaluate, finalize_args,
-                                 heldout_batch, model_macs, noise_seed, peak_lr, restore_run_state,
-                                 rng_state, save_grid, tune_attention, write_bench)
+from vitok_fast.run import TrainingRun
+from vitok_fast.training import (StopOnSignal, add_common_args, build_lpips, build_optimizer,
+                                 check_resume_model, clip_grad_norm, cosine_schedule, evaluate,
+                                 finalize_args, image_data, model_macs, noise_seed, peak_lr,
+                                 save_grid, tune_attention)
 
 
 def parse_args(argv=None):
@@ -45,25 +41,18 @@ def main(argv=None) -> dict:
 
 def train(argv, stop: StopOnSignal) -> dict:
     args = parse_args(argv)
-    dist = D.setup(args.device)
-    device, main_rank = dist.device, dist.is_main
-    dtype = autocast_dtype(args, device)
-    out_dir = Path(args.out_dir)
+    run = TrainingRun(args, stop)  # process group, device, dtype, out_dir, accumulation steps
+    dist, device, main_rank, dtype = run.dist, run.device, run.main, run.dtype
+    out_dir, accum, guard = run.out_dir, run.accum, run.guard
 
     # -- everything that can fail on user input fails here, before training starts ----------
-    accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    with cli.option("--data", args.data):
-        train_set = make_dataset(args.data, args.resolution, args.frames,
-                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
-    with cli.option("--val-data", args.val_data):
-        val_batch = heldout_batch(args, args.val_images)
-    val_batch = val_batch.to(device) if val_batch is not None else None
+    train_set, val_batch = image_data(args, device)  # --data's stream, --val-data's batch
     config = ViTokConfig.from_name(args.model, channels=args.channels,
                                    use_kernels=not args.no_kernels,
                                    attention_backend=args.attention_backend)
-    resume_from, state = load_resume(args.resume, out_dir, verbose=main_rank)
+    resume_from, state = run.resume()
     if resume_from is not None:  # another model's run names the differing fields
         check_resume_model(resume_from, config, f"--model {args.model} --channels {args.channels}")
 
@@ -82,52 +71,32 @@ def train(argv, stop: StopOnSignal) -> dict:
     lr = peak_lr(args)
     optimizer = build_optimizer(model, lr, args.weight_decay, device)
     scheduler = cosine_schedule(optimizer, lr, args.max_steps, args.warmup_frac, args.min_lr)
-    guard = NonFiniteGuard(args.max_nonfinite)
     step = 0
     if state is not None:
         D.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step = restore_run_state(state, args, guard, dist.rank, main_rank)
-    if already_finished(step, args.max_steps, out_dir, main_rank):
-        return {"step": step, "losses": [], "val_psnr": [], "skipped": 0,
-                "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
+        step = run.restore(state)  # the guard, this rank's RNG
+    if run.finished(step):
+        return run.result(step, losses=[], val_psnr=[], skipped=0)
 
-    loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
-                         world=dist.world, start_batches=step * accum,
-                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    stop.arm()  # from here a signal stops the run after the current step (workers inherit it)
-    batches = iter(loader)
+    batches = run.batches(train_set, step)  # at the resumed position; signals armed
     noise = torch.Generator(device)
-    logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="stage 1")
-    if main_rank:
-        logger.print(f"{config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-                     f"params | {dist.world} rank(s) x {args.micro_batch_size} x {accum} accum = "
-                     f"{args.global_batch_size} per step | peak lr {lr:.2e} | data {args.data} "
-                     f"({len(train_set) if hasattr(train_set, '__len__') else 'stream'}) | "
-                     + (f"resumed from {resume_from} at step {step}" if state else "fresh start"))
-    throughput = Throughput(model_macs(config, args.frames, args.resolution),
-                            device, dist.world)
+    run.begin(step, "stage 1",
+              f"{config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+              f"params | {dist.world} rank(s) x {args.micro_batch_size} x {accum} accum = "
+              f"{args.global_batch_size} per step | peak lr {lr:.2e} | data {args.data} "
+              f"({len(train_set) if hasattr(train_set, '__len__') else 'stream'}) | "
+              + (f"resumed from {resume_from} at step {step}" if state else "fresh start"),
+              model_macs(config, args.frames, args.resolution))
+    logger, throughput = run.logger, run.throughput
     losses, val_psnr = [], []
-    saved_at = step
 
-    def checkpoint(step):
-        nonlocal saved_at
+    def checkpoint(step):  # every rank calls it (FSDP gathers the model and optimizer)
         plain = D.full_model(model, lambda: ViTok(config))
         opt_state = D.optimizer_state(model, optimizer)
-        rngs = D.gather_objects(rng_state())
-        n_skipped = skipped()  # collectives: every rank calls them
-        if main_rank:
-            save_checkpoint(out_dir, step, plain, {
-                "step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
-                "guard": guard.state_dict(), "rng": rngs, "args": vars(args),
-                "data": {"batches_per_rank": step * accum, "micro_batch": args.micro_batch_size,
-                         "world": dist.world, "skipped": n_skipped},
-            }, keep=args.keep)
-        D.barrier()
-        saved_at = step
-
-    def skipped():
-        return int(D.all_max(train_set.skip_counts().to(device)).sum())
+        run.save(step, plain, {"optimizer": opt_state, "scheduler": scheduler.state_dict()},
+                 data={"micro_batch": args.micro_batch_size, "world": dist.world,
+                       "skipped": run.skipped()}, write=save_checkpoint)
 
     def evaluate_heldout(step):
         value, recon = evaluate(D.unwrap(model), val_batch, dtype)  # all ranks (FSDP gathers)
@@ -149,7 +118,7 @@ def train(argv, stop: StopOnSignal) -> dict:
             x = next(batches).to(device, non_blocking=True)
             noise.manual_seed(noise_seed(args.seed, step, micro * dist.world + dist.rank))
             with D.sync_gradients(model, micro == accum - 1):
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                with run.autocast():
                     recon, posterior = model(x, generator=noise)
                     loss, parts = reconstruction_loss(x, recon, posterior, lpips,
                                                       lpips_weight=args.lpips_weight,
@@ -164,14 +133,12 @@ def train(argv, stop: StopOnSignal) -> dict:
         lr_now = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
-        kill_point("step", step, out_dir)  # test hook: a rank lost mid-run
-        throughput.tick(args.global_batch_size)
+        run.tick(step)  # throughput, the bar, the fault-test hook
         losses.append(parts_mean[0])
-        logger.step()
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if run.due(step, args.log_every):
             per_s, mfu = throughput.rate()
-            n_skipped = skipped()
+            n_skipped = run.skipped()
             logger.log(step, {
                 "train/loss": parts_mean[0], "train/mse": parts_mean[1],
                 "train/lpips": parts_mean[2], "train/kl": parts_mean[3],
@@ -182,26 +149,15 @@ def train(argv, stop: StopOnSignal) -> dict:
                     "lpips": f"{parts_mean[2]:.3f}", "kl": f"{parts_mean[3]:.2f}",
                     "lr": f"{lr_now:.1e}", "img/s": f"{per_s:.0f}",
                     **({"mfu": f"{mfu:.1%}"} if mfu is not None else {})})
-        if val_batch is not None and (step % args.eval_every == 0 or step == args.max_steps):
+        if val_batch is not None and run.due(step, args.eval_every):
             evaluate_heldout(step)
-        if step % args.save_every == 0 or step == args.max_steps:
+        if run.due(step, args.save_every):
             checkpoint(step)
-        if stop.agreed(device):  # every rank stops after the same step
+        if run.stop_agreed():  # every rank stops after the same step
             break
 
-    stop.exit_if_stopped(step, args.max_steps, saved_at, checkpoint, logger, out_dir,
-                         __file__, argv, main_rank)
-    n_skipped = skipped()
-    if main_rank and n_skipped:
-        logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")
-    if main_rank and args.bench_out:
-        record = write_bench(args.bench_out, args, throughput, device, dist.world)
-        logger.print(f"throughput: {record['images_per_s_per_gpu']:.1f} images/s per GPU, "
-                     f"MFU {record['mfu']} -> {args.bench_out}")
-    logger.close()
-    D.cleanup()
-    return {"step": step, "losses": losses, "val_psnr": val_psnr, "skipped": n_skipped,
-            "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
+    # a signal: save, say how to resume, exit; else skipped files, --bench-out, close
+    return run.finish(step, checkpoint, __file__, argv, losses=losses, val_psnr=val_psnr)
 
 
 if __name__ == "__main__":

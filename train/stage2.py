@@ -18,19 +18,16 @@ import torch
 
 from vitok_fast import ViTok, cli
 from vitok_fast import distributed as D
-from vitok_fast.checkpoint import (is_complete, latest_checkpoint, load_resume,
-                                   resolve_checkpoint, save_checkpoint)
-from vitok_fast.data import make_dataset, make_loader
+from vitok_fast.checkpoint import (is_complete, latest_checkpoint, resolve_checkpoint,
+                                   save_checkpoint)
 from vitok_fast.discriminator import Discriminator
-from vitok_fast.faults import kill_point
 from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
                                reconstruction_loss)
-from vitok_fast.training import (EMA, NonFiniteGuard, RunLogger, StopOnSignal, Throughput,
-                                 accumulation_steps, add_common_args, already_finished,
-                                 autocast_dtype, build_lpips, build_optimizer, check_resume_model,
-                                 clip_grad_norm, cosine_schedule, evaluate, finalize_args,
-                                 heldout_batch, model_macs, noise_seed, peak_lr, restore_run_state,
-                                 rng_state, save_grid, tune_attention, write_bench)
+from vitok_fast.run import TrainingRun
+from vitok_fast.training import (EMA, StopOnSignal, add_common_args, build_lpips,
+                                 build_optimizer, check_resume_model, clip_grad_norm,
+                                 cosine_schedule, evaluate, finalize_args, image_data,
+                                 model_macs, noise_seed, peak_lr, save_grid, tune_attention)
 
 
 def _init_dir(text: str) -> str:
@@ -95,23 +92,16 @@ def main(argv=None) -> dict:
 
 def train(argv, stop: StopOnSignal) -> dict:
     args = parse_args(argv)
-    dist = D.setup(args.device)
-    device, main_rank = dist.device, dist.is_main
-    dtype = autocast_dtype(args, device)
-    out_dir = Path(args.out_dir)
+    run = TrainingRun(args, stop)  # process group, device, dtype, out_dir, accumulation steps
+    dist, device, main_rank, dtype = run.dist, run.device, run.main, run.dtype
+    out_dir, accum, guard = run.out_dir, run.accum, run.guard
 
     # -- everything that can fail on user input fails here -----------------------------------
-    accum = accumulation_steps(args.global_batch_size, args.micro_batch_size, dist.world)
     init = resolve_checkpoint(args.init, args.init, flag="--init")
     torch.manual_seed(args.seed)  # the same random init (model, LPIPS in tests) on every rank
     lpips = build_lpips(args, device)
-    with cli.option("--data", args.data):
-        train_set = make_dataset(args.data, args.resolution, args.frames,
-                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
-    with cli.option("--val-data", args.val_data):
-        val_batch = heldout_batch(args, args.val_images)
-    val_batch = val_batch.to(device) if val_batch is not None else None
-    resume_from, state = load_resume(args.resume, out_dir, verbose=main_rank)
+    train_set, val_batch = image_data(args, device)  # --data's stream, --val-data's batch
+    resume_from, state = run.resume()
     if resume_from is not None:  # a run of another stage-1 model names the differing fields
         check_resume_model(resume_from, _init_config(args.init), f"--init {args.init}")
 
@@ -139,57 +129,38 @@ def train(argv, stop: StopOnSignal) -> dict:
     sched_g = cosine_schedule(opt_g, lr, args.max_steps, args.warmup_frac, args.min_lr)
     sched_d = torch.optim.lr_scheduler.LambdaLR(  # [paper] linear warm-up, then constant
         opt_d, lambda s: min(1.0, (s + 1) / max(1, args.disc_warmup)))
-    guard = NonFiniteGuard(args.max_nonfinite)
     step = 0
     if state is not None:
         opt_g.load_state_dict(state["optimizer"])
         opt_d.load_state_dict(state["disc_optimizer"])
         sched_g.load_state_dict(state["scheduler"])
         sched_d.load_state_dict(state["disc_scheduler"])
-        step = restore_run_state(state, args, guard, dist.rank, main_rank)
-    if already_finished(step, args.max_steps, out_dir, main_rank):
-        return {"step": step, "losses": [], "val_psnr": [], "skipped": 0,
-                "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
+        step = run.restore(state)  # the guard, this rank's RNG
+    if run.finished(step):
+        return run.result(step, losses=[], val_psnr=[], skipped=0)
 
-    loader = make_loader(train_set, args.micro_batch_size, seed=args.seed, rank=dist.rank,
-                         world=dist.world, start_batches=step * accum,
-                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    stop.arm()  # from here a signal stops the run after the current step (workers inherit it)
-    batches = iter(loader)
+    batches = run.batches(train_set, step)  # at the resumed position; signals armed
     noise = torch.Generator(device)
-    logger = RunLogger(out_dir, main_rank, step, args.max_steps, desc="stage 2")
-    if main_rank:
-        logger.print(f"{config.name} from {init}: decoder + discriminator "
-                     f"({sum(p.numel() for p in disc.parameters()) / 1e6:.1f}M) | "
-                     f"{dist.world} x {args.micro_batch_size} x {accum} = {args.global_batch_size}"
-                     f" | lr {lr:.2e}, disc lr {args.disc_lr:.1e} | GAN weight {args.gan_weight} | "
-                     + (f"resumed at step {step}" if state else "fresh start"))
-    macs = model_macs(config, args.frames, args.resolution)
     dec_params = sum(p.numel() for p in D.unwrap(model).decoder.parameters())
     all_params = sum(p.numel() for p in D.unwrap(model).parameters())
-    throughput = Throughput(macs, device, dist.world, trained_fraction=dec_params / all_params)
+    run.begin(step, "stage 2",
+              f"{config.name} from {init}: decoder + discriminator "
+              f"({sum(p.numel() for p in disc.parameters()) / 1e6:.1f}M) | "
+              f"{dist.world} x {args.micro_batch_size} x {accum} = {args.global_batch_size}"
+              f" | lr {lr:.2e}, disc lr {args.disc_lr:.1e} | GAN weight {args.gan_weight} | "
+              + (f"resumed at step {step}" if state else "fresh start"),
+              model_macs(config, args.frames, args.resolution),
+              trained_fraction=dec_params / all_params)
+    logger, throughput = run.logger, run.throughput
     losses, val_psnr = [], []
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def skipped():
-        return int(D.all_max(train_set.skip_counts().to(device)).sum())
-
-    saved_at = step
-
-    def checkpoint(step):
-        nonlocal saved_at
-        rngs = D.gather_objects(rng_state())
-        n_skipped = skipped()  # collectives: every rank calls them
-        if main_rank:
-            save_checkpoint(out_dir, step, D.unwrap(model), {
-                "step": step, "optimizer": opt_g.state_dict(), "scheduler": sched_g.state_dict(),
-                "discriminator": disc.state_dict(), "disc_optimizer": opt_d.state_dict(),
-                "disc_scheduler": sched_d.state_dict(), "guard": guard.state_dict(),
-                "rng": rngs, "args": vars(args), "init": str(init),
-                "data": {"batches_per_rank": step * accum, "skipped": n_skipped},
-            }, extra_models={"ema": ema.model}, keep=args.keep)
-        D.barrier()
-        saved_at = step
+    def checkpoint(step):  # every rank calls it
+        run.save(step, D.unwrap(model), {
+            "optimizer": opt_g.state_dict(), "scheduler": sched_g.state_dict(),
+            "discriminator": disc.state_dict(), "disc_optimizer": opt_d.state_dict(),
+            "disc_scheduler": sched_d.state_dict(), "init": str(init),
+        }, data={"skipped": run.skipped()}, extra_models={"ema": ema.model},
+                 write=save_checkpoint)
 
     def evaluate_heldout(step):
         value, recon = evaluate(ema.model, val_batch, dtype)  # [paper] the EMA is evaluated
@@ -214,7 +185,7 @@ def train(argv, stop: StopOnSignal) -> dict:
             # Decoder: reconstruction + GAN, judged by a discriminator that is not updated here.
             disc.requires_grad_(False)
             with D.sync_gradients(model, last):
-                with autocast():
+                with run.autocast():
                     recon, posterior = model(x, generator=noise)
                     rec, parts = reconstruction_loss(x, recon, posterior, lpips,
                                                      lpips_weight=args.lpips_weight, kl_weight=0.0)
@@ -224,7 +195,7 @@ def train(argv, stop: StopOnSignal) -> dict:
             disc.requires_grad_(True)
             # Discriminator: hinge loss on real frames and detached reconstructions.
             with D.sync_gradients(disc_ddp, last):
-                with autocast():
+                with run.autocast():
                     logits = disc_ddp(torch.cat([frames_as_images(x),
                                                  frames_as_images(recon.detach())]))
                     real, fake = logits.chunk(2)
@@ -247,12 +218,10 @@ def train(argv, stop: StopOnSignal) -> dict:
         sched_g.step()
         sched_d.step()
         step += 1
-        kill_point("step", step, out_dir)  # test hook: a rank lost mid-run
-        throughput.tick(args.global_batch_size)
+        run.tick(step)  # throughput, the bar, the fault-test hook
         losses.append(parts_mean[0])
-        logger.step()
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if run.due(step, args.log_every):
             per_s, mfu = throughput.rate()
             logger.log(step, {
                 "train/loss_g": parts_mean[0], "train/mse": parts_mean[1],
@@ -261,28 +230,19 @@ def train(argv, stop: StopOnSignal) -> dict:
                 "train/gan_weight": gan_w, "train/grad_norm": float(grad_norm),
                 "train/d_grad_norm": float(d_grad_norm), "train/lr": lr_now, "train/d_lr": dlr_now,
                 "perf/images_per_s": per_s, "perf/mfu": mfu,
-                "train/nonfinite_steps": guard.skipped, "data/skipped_files": skipped(),
+                "train/nonfinite_steps": guard.skipped, "data/skipped_files": run.skipped(),
             }, bar={"g": f"{parts_mean[0]:.4f}", "mse": f"{parts_mean[1]:.4f}",
                     "d": f"{parts_mean[4]:.3f}", "d_acc": f"{parts_mean[5]:.2f}",
                     "lr": f"{lr_now:.1e}", "img/s": f"{per_s:.0f}"})
-        if val_batch is not None and (step % args.eval_every == 0 or step == args.max_steps):
+        if val_batch is not None and run.due(step, args.eval_every):
             evaluate_heldout(step)
-        if step % args.save_every == 0 or step == args.max_steps:
+        if run.due(step, args.save_every):
             checkpoint(step)
-        if stop.agreed(device):  # every rank stops after the same step
+        if run.stop_agreed():  # every rank stops after the same step
             break
 
-    stop.exit_if_stopped(step, args.max_steps, saved_at, checkpoint, logger, out_dir,
-                         __file__, argv, main_rank)
-    n_skipped = skipped()
-    if main_rank and n_skipped:
-        logger.print(f"skipped {n_skipped} unreadable file(s): {train_set.skipped_files[:10]}")
-    if main_rank and args.bench_out:
-        write_bench(args.bench_out, args, throughput, device, dist.world)
-    logger.close()
-    D.cleanup()
-    return {"step": step, "losses": losses, "val_psnr": val_psnr, "skipped": n_skipped,
-            "nonfinite_steps": guard.skipped, "out_dir": str(out_dir)}
+    # a signal: save, say how to resume, exit; else skipped files, --bench-out, close
+    return run.finish(step, checkpoint, __file__, argv, losses=losses, val_psnr=val_psnr)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ Damage after the fact (a file truncated or deleted by a full disk, a bad copy, a
 caught on resume: :func:`load_resume` opens every file of the checkpoint and names the one
 that does not read. ``--resume auto`` then falls back to the newest checkpoint that does,
 and says which; an explicit ``--resume PATH`` stops with the file's name instead.
+
+:func:`resolve_ckpt` turns what a user passes as ``--ckpt`` (a model folder, a run, a folder
+holding one model) into the model folder; every command and train/dit.py use it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from vitok_fast.faults import kill_point
 from vitok_fast.fileio import atomic_write
-from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE, ViTok
+from vitok_fast.pretrained import CONFIG_FILE, WEIGHTS_FILE
 
 STATE_FILE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -51,8 +54,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir, step: int, model: ViTok, state: dict, *,
-                    extra_models: dict[str, ViTok] | None = None, keep: int = 3) -> Path:
+def save_checkpoint(run_dir, step: int, model: torch.nn.Module, state: dict, *,
+                    extra_models: dict[str, torch.nn.Module] | None = None, keep: int = 3) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
 
     ``model`` must be a plain (unwrapped) ViTok; ``state`` anything ``torch.save`` takes.
@@ -235,3 +238,34 @@ def load_resume(spec: str | None, run_dir, verbose: bool = True,
             f"--resume auto: no checkpoint in {run_dir} reads ({', '.join(skipped)}); move them "
             f"aside, or pass --resume '' to start fresh")
     return None, None
+
+
+def resolve_ckpt(path) -> Path:
+    """A save_pretrained directory; a training run directory (its latest checkpoint, the
+    EMA weights where stage 2 saved them); or a folder holding exactly one model folder.
+
+    Training checkpoints keep the model's save_pretrained folder inside (next to optimizer
+    state); pointing at the outer folder is the common slip, so it is resolved when
+    unambiguous and otherwise answered with the candidates.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--ckpt expects a checkpoint directory written by save_pretrained, "
+                                f"got {path}, which is not a directory")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)  # a training run directory: its latest checkpoint,
+    if latest is not None:           # with the stage-2 EMA weights where there are some
+        chosen = latest / "ema" if (latest / "ema" / CONFIG_FILE).is_file() else latest
+        print(f"using the latest checkpoint of the run: {chosen}", file=sys.stderr)
+        return chosen
+    found = sorted({c.parent for c in path.glob(f"*/{CONFIG_FILE}")} |
+                   {c.parent for c in path.glob(f"*/*/{CONFIG_FILE}")})
+    found = [f for f in found if (f / WEIGHTS_FILE).is_file()]
+    if len(found) == 1:
+        print(f"using the model checkpoint {found[0]}", file=sys.stderr)
+        return found[0]
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several model checkpoints; pass one of: "
+                         f"{', '.join(map(str, found))}")
+    return path  # from_pretrained names the missing config.json / model.safetensors

@@ -57,6 +57,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from vitok_fast.media import read_clip  # video decoding lives in vitok_fast/media.py
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 
@@ -359,32 +361,6 @@ class VideoClips(_Items):
     def load(self, index, rng):
         frames = read_clip(self.files[index], self.frames, self.frame_stride, rng)
         return to_tensor(frames, crop_box(*frames[0].size, rng), self.resolution, flip=False)
-
-
-def read_clip(file, frames: int, stride: int, rng: random.Random | None) -> list[Image.Image]:
-    """Decode ``frames`` frames ``stride`` apart from a video (a path or a file object)."""
-    import av
-
-    span = (frames - 1) * stride + 1
-    with av.open(file) as container:
-        stream = container.streams.video[0]
-        total = stream.frames
-        if total <= 0:  # some containers (webm) carry no frame count: count packets instead
-            total = sum(1 for packet in container.demux(stream) if packet.size)
-            container.seek(0)
-        if total < span:
-            raise ValueError(f"video has {total} frames, a clip of {frames} frames with stride "
-                             f"{stride} needs {span}")
-        start = rng.randrange(total - span + 1) if rng is not None else 0
-        wanted = set(range(start, start + span, stride))
-        out = []
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                out.append(frame.to_image())
-                if len(out) == frames:
-                    return out
-    raise ValueError(f"video decoded to fewer frames than its header says ({len(out)} of "
-                     f"{frames} wanted from start {start})")
 
 
 def _scan(root: Path, exts) -> list[Path]:

@@ -25,8 +25,8 @@ def decode_latents(model, latents: str | Path, out: str | Path, *, batch_size: i
                    tile=None, overlap=None, fps: float = 8.0, seed: int = 0) -> int:
     from safetensors.torch import load_file
 
-    from vitok_fast.encode import load_latents
-    from vitok_fast.reconstruct import to_array, write_image, write_video
+    from vitok_fast.latents import load_latents
+    from vitok_fast.media import to_array, write_image, write_video
 
     index, shards = load_latents(latents)
     c = model.config.channels
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", type=cli.device, default=cli.default_device())
     args = p.parse_args(argv)
 
-    from vitok_fast.evaluate import resolve_ckpt
+    from vitok_fast.checkpoint import resolve_ckpt
     from vitok_fast.model import ViTok
 
     model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,

@@ -3,13 +3,15 @@
 ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; ``setup()`` reads them, picks NCCL on GPUs
 and gloo on CPUs, and returns who we are. A plain ``python train/stage1.py`` is a world of
 one with no process group. ``wrap_model`` applies DDP or FSDP2; ``sync_gradients`` skips the
-all-reduce on all but the last micro-batch of a step.
+all-reduce on all but the last micro-batch of a step. ``rank_world`` and ``strided_shard``
+split an evaluation's items over the ranks (evaluate, latent statistics).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -164,3 +166,24 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, or ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def strided_shard(dataset, rank: int, world: int, max_samples: int | None):
+    """Items rank, rank + world, ... of the first max_samples (every rank sees distinct items)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if hasattr(dataset, "world"):  # tar shards split by rank themselves: one split only,
+            dataset.rank, dataset.world = 0, 1  # the one below, so no item is lost or doubled
+        class _Strided(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                items = itertools.islice(dataset, max_samples)
+                return itertools.islice(items, rank, None, world)
+        return _Strided()
+    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    return torch.utils.data.Subset(dataset, range(rank, n, world))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from vitok_fast.fileio import atomic_write
+from vitok_fast.cli import UserError
 from vitok_fast.kernels import rope_cos_sin
 from vitok_fast.kernels.rope import rope_split
-from vitok_fast.model import Attention, RMSNorm, SwiGLU, load_model_dir, save_model_dir
+from vitok_fast.latents import load_latent_set, write_latent_set  # noqa: F401 (re-exported)
+from vitok_fast.hub import HubMixin
+from vitok_fast.model import Attention, RMSNorm, SwiGLU
 
 # [DiT] Table 1: blocks, hidden size, heads. SwiGLU hidden 8d/3 (rounded up to a multiple
 # of 8) keeps the MLP's parameter count of DiT's 4d GELU MLP [ours]. "T" is a tiny size of
@@ -188,10 +189,14 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(HubMixin, nn.Module):
     """``model(z_t, t, y)`` predicts the noise in ``z_t``; latents ``(B, c, H', W')`` or
     ``(B, c, T', H', W')`` with H', W' divisible by the patch size; ``y`` class indices,
-    ``num_classes`` being the null class."""
+    ``num_classes`` being the null class. Saved and loaded as the same two files as a ViTok
+    (vitok_fast/hub.py), so vitok_fast.checkpoint keeps runs of both."""
+
+    config_class = DiTConfig
+    config_tag = "dit_config"
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -237,17 +242,6 @@ class DiT(nn.Module):
         out = rearrange(self.final(x, c), "b (t h w) (p q c) -> b c t (h p) (w q)",
                         t=T, h=H, w=W, p=p, q=p)
         return out if z.ndim == 5 else out.squeeze(2)
-
-    # -- checkpoint I/O: the same two files as a ViTok, so vitok_fast.checkpoint keeps runs ----
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_model_dir(self, directory, "dit_config")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", **overrides) -> "DiT":
-        return load_model_dir(cls, DiTConfig, Path(directory), "DiT", device=device,
-                              overrides=overrides)
-
 
 # -- the diffusion ---------------------------------------------------------------------------
 
@@ -303,31 +297,6 @@ class Diffusion:
         return z
 
 
-# -- labelled latent shards (the format python -m vitok_fast.encode writes) ------------------
-
-
-def load_latent_set(directory, posterior_dtype=torch.float32) -> dict:
-    """Every item of a labelled latent directory, in memory: ``mean``, ``logvar`` (N, c, ...),
-    ``label`` (N,) int64 (-1 unlabelled), and the directory's ``index`` and ``stats``."""
-    from safetensors.torch import load_file
-
-    from vitok_fast.encode import load_latents
-
-    index, shards = load_latents(directory)
-    stats_path = Path(directory) / "stats.json"
-    if not stats_path.is_file():
-        raise FileNotFoundError(f"expected {stats_path} (latent shift and scale, written by "
-                                f"python -m vitok_fast.encode); it does not exist")
-    parts = [load_file(s) for s in shards]
-    if any("label" not in p for p in parts):
-        raise ValueError(f"the shards under {directory} hold no 'label': re-encode them with a "
-                         f"python -m vitok_fast.encode that records labels (class folders)")
-    cat = lambda key, dtype: torch.cat([p[key] for p in parts]).to(dtype)
-    return {"mean": cat("mean", posterior_dtype), "logvar": cat("logvar", posterior_dtype),
-            "label": cat("label", torch.int64), "index": index,
-            "stats": json.loads(stats_path.read_text())}
-
-
 class LatentNorm:
     """``z_norm = (z - shift_factor) * scaling_factor`` from stats.json (one shift and scale
     for all channels, as SD-VAE's ``scaling_factor``), or with ``per_channel`` each
@@ -353,28 +322,27 @@ class LatentNorm:
         return z / self._view(self.scale, z) + self._view(self.shift, z)
 
 
-def write_latent_set(out, mean, logvar, label, classes, paths, meta: dict | None = None,
-                     shard_size: int = 1024) -> dict:
-    """Write labelled latents and their stats in the encode format (bench and smoke runs;
-    python -m vitok_fast.encode writes the same for real data sets)."""
-    from safetensors.torch import save_file
+# -- sampling: what train/dit.py and python -m vitok_fast.sample share -----------------------
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for k, start in enumerate(range(0, len(mean), shard_size)):
-        sl = slice(start, start + shard_size)
-        tensors = {"mean": mean[sl].float().contiguous(), "logvar": logvar[sl].float().contiguous(),
-                   "label": label[sl].long().contiguous()}
-        name = f"latents-{k:05d}.safetensors"
-        atomic_write(out / name, lambda p: save_file(tensors, p))
-        shards.append({"file": name, "count": len(tensors["mean"]), "paths": list(paths[sl])})
-    index = {**(meta or {}), "classes": list(classes), "shards": shards,
-             "num_samples": len(mean), "complete": True}
-    z = mean.double().transpose(0, 1).flatten(1)  # (c, N * tokens)
-    stats = {"shift_factor": float(z.mean()), "scaling_factor": float(1 / z.std()),
-             "mean": z.mean(1).tolist(), "std": z.std(1).tolist(), "num_samples": len(mean),
-             "source": "posterior mean"}
-    atomic_write(out / "index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
-    atomic_write(out / "stats.json", lambda p: Path(p).write_text(json.dumps(stats, indent=2) + "\n"))
-    return index
+
+LATENT_FILE = "latents.json"
+
+
+def find_latent_info(path: Path) -> dict:
+    """``latents.json`` of the run that ``path`` (run, checkpoint or ema folder) belongs to."""
+    for folder in (path, *list(path.parents)[:3]):
+        if (folder / LATENT_FILE).is_file():
+            return json.loads((folder / LATENT_FILE).read_text())
+    raise FileNotFoundError(f"no {LATENT_FILE} in {path} or the three folders above it: expected "
+                            f"a run directory of train/dit.py (it writes {LATENT_FILE}) or a "
+                            f"checkpoint inside one")
+
+
+@torch.no_grad()
+def decode_samples(vitok, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """ViTok latents -> pixels in [-1, 1], in batches."""
+    if vitok is None:
+        raise UserError("decoding samples needs the ViTok that encoded the latents: pass --vitok")
+    z = z.to(next(vitok.parameters()).device)
+    return torch.cat([vitok.decode(z[i:i + batch_size]).float().clamp(-1, 1).cpu()
+                      for i in range(0, len(z), batch_size)])

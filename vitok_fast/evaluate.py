@@ -14,7 +14,6 @@ gFID and gIS of images, gFVD of clips (docs/generation.md).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -27,30 +26,15 @@ from tqdm import tqdm
 
 from vitok_fast import cli
 from vitok_fast import metrics as M
+from vitok_fast.checkpoint import resolve_ckpt  # noqa: F401 (re-exported: the other tools took it from here)
+from vitok_fast.distributed import rank_world, strided_shard
 from vitok_fast.fileio import atomic_write
 
 IMAGE_METRICS = ("psnr", "ssim", "lpips", "fid")
 VIDEO_METRICS = ("psnr", "ssim", "lpips", "fvd")
 
 
-def _shard(dataset, rank: int, world: int, max_samples: int | None):
-    """Items rank, rank + world, ... of the first max_samples (every rank sees distinct items)."""
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        if hasattr(dataset, "world"):  # tar shards split by rank themselves: one split only,
-            dataset.rank, dataset.world = 0, 1  # the one below, so no item is lost or doubled
-        class _Strided(torch.utils.data.IterableDataset):
-            def __iter__(self):
-                items = itertools.islice(dataset, max_samples)
-                return itertools.islice(items, rank, None, world)
-        return _Strided()
-    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-    return torch.utils.data.Subset(dataset, range(rank, n, world))
-
-
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+_shard, _distributed = strided_shard, rank_world  # the names they had here
 
 
 @torch.no_grad()
@@ -79,14 +63,14 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
         if name in metrics and net is None:
             raise ValueError(f"metric {name!r} asked for but no network for it was given")
 
-    rank, world = _distributed()
+    rank, world = rank_world()
     if isinstance(dataset, torch.utils.data.IterableDataset):
         # several workers would each replay the whole stream: one worker keeps it exact
         num_workers = min(num_workers, 1)
     with_meta = getattr(dataset, "with_meta", False)
     if with_meta:
         from vitok_fast.data import collate_items
-    loader = torch.utils.data.DataLoader(_shard(dataset, rank, world, max_samples),
+    loader = torch.utils.data.DataLoader(strided_shard(dataset, rank, world, max_samples),
                                          batch_size=batch_size, num_workers=num_workers,
                                          **({"collate_fn": collate_items} if with_meta else {}))
     model.eval()
@@ -159,41 +143,6 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     if "fvd" in metrics:
         results["rfvd"] = M.frechet_distance(real_stats, fake_stats)
     return results
-
-
-def resolve_ckpt(path) -> Path:
-    """A save_pretrained directory; a training run directory (its latest checkpoint, the
-    EMA weights where stage 2 saved them); or a folder holding exactly one model folder.
-
-    Training checkpoints keep the model's save_pretrained folder inside (next to optimizer
-    state); pointing at the outer folder is the common slip, so it is resolved when
-    unambiguous and otherwise answered with the candidates.
-    """
-    from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--ckpt expects a checkpoint directory written by save_pretrained, "
-                                f"got {path}, which is not a directory")
-    if (path / CONFIG_FILE).is_file():
-        return path
-    from vitok_fast.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(path)  # a training run directory: its latest checkpoint,
-    if latest is not None:           # with the stage-2 EMA weights where there are some
-        chosen = latest / "ema" if (latest / "ema" / CONFIG_FILE).is_file() else latest
-        print(f"using the latest checkpoint of the run: {chosen}", file=sys.stderr)
-        return chosen
-    found = sorted({c.parent for c in path.glob(f"*/{CONFIG_FILE}")} |
-                   {c.parent for c in path.glob(f"*/*/{CONFIG_FILE}")})
-    found = [f for f in found if (f / WEIGHTS_FILE).is_file()]
-    if len(found) == 1:
-        print(f"using the model checkpoint {found[0]}", file=sys.stderr)
-        return found[0]
-    if len(found) > 1:
-        raise ValueError(f"{path} holds several model checkpoints; pass one of: "
-                         f"{', '.join(map(str, found))}")
-    return path  # from_pretrained names the missing config.json / model.safetensors
 
 
 # -- generation: gFID and gIS of samples against reference statistics ------------------------

@@ -7,6 +7,10 @@ local loader, so a Hub checkpoint goes through the same strict key and shape che
 local one; ``ViTok.push_to_hub`` writes ``save_pretrained``'s folder and uploads it with
 ``HfApi.upload_folder``.
 
+:class:`HubMixin` gives a model class (ViTok, the DiT) ``save_pretrained``,
+``from_pretrained`` and ``push_to_hub``; this module imports no model (only
+vitok_fast/pretrained.py, the directory format), so the model imports it, not the reverse.
+
 Why ``snapshot_download`` and not huggingface_hub's ``PyTorchModelHubMixin``:
 
 - the mixin is a base class, so ``ViTok`` would import huggingface_hub whenever
@@ -29,7 +33,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from vitok_fast.model import CONFIG_FILE, WEIGHTS_FILE
+from vitok_fast.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
 
 # A Hub model id "namespace/name": letters, digits, "-", "_", "."; neither part starts or
 # ends with "-" or "."; no "--" or ".." (huggingface_hub's rules). The namespace is
@@ -91,19 +95,68 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
 
 
 def push_to_hub(model, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str = "Upload ViTok",
+                revision: str | None = None, commit_message: str | None = None,
                 create_pr: bool = False):
     """Upload ``model``'s ``config.json`` and ``model.safetensors`` to the Hub repo ``repo_id``
-    (created if missing) in one commit; returns huggingface_hub's ``CommitInfo``."""
+    (created if missing) in one commit; returns huggingface_hub's ``CommitInfo``. The commit
+    message defaults to "Upload <class name>"."""
     if not is_repo_id(repo_id):
         raise ValueError(f"repo_id must be a Hub id 'namespace/name', got {repo_id!r}")
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise ImportError(f"push_to_hub needs huggingface_hub: {INSTALL}") from None
+    if commit_message is None:
+        commit_message = f"Upload {type(model).__name__}"
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                  revision=revision, create_pr=create_pr)
+
+
+class HubMixin:
+    """``save_pretrained``, ``from_pretrained`` (a local folder or a Hub id) and
+    ``push_to_hub`` for a model class with ``cls(config)`` and ``self.config.to_json()``.
+
+    A subclass sets ``config_class`` (built by ``config_class.from_dict`` on load) and
+    ``config_tag`` (the config's key in the weights' metadata).
+    """
+
+    config_class: type
+    config_tag: str
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors``, each atomically."""
+        save_model_dir(self, directory, self.config_tag)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str | None = None,
+                    create_pr: bool = False):
+        """Upload ``config.json`` and ``model.safetensors`` to the Hub repo ``repo_id`` (created
+        if missing) in one commit, through huggingface_hub's upload API (:func:`push_to_hub`)."""
+        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message, create_pr=create_pr)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, torch_dtype=None, device=None,
+                        **overrides):
+        """Load a model saved by :meth:`save_pretrained`, with strict key and shape checks.
+
+        ``name_or_path`` is a local folder or a Hub id ``namespace/name``; a Hub id is
+        fetched at ``revision`` (branch, tag or commit) into ``cache_dir`` by huggingface_hub,
+        or read from that cache when offline (:func:`resolve_checkpoint`). ``torch_dtype``
+        casts the weights (e.g. ``torch.bfloat16``); ``device`` defaults to the CPU.
+        ``overrides`` set run-time config fields such as ``use_kernels``.
+        """
+        import torch
+
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype)
+                                            and torch_dtype.is_floating_point):
+            raise ValueError(f"torch_dtype must be a floating-point torch.dtype such as "
+                             f"torch.bfloat16, got {torch_dtype!r}")
+        directory = resolve_checkpoint(name_or_path, revision, cache_dir)
+        return load_model_dir(cls, cls.config_class, directory, cls.__name__, device=device,
+                               torch_dtype=torch_dtype, overrides=overrides)

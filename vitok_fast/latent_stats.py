@@ -24,151 +24,22 @@ data set), so the statistics do not depend on batch size, workers or ranks.
 
 Moments are kept in float64 as (count, mean, M2) per channel and merged with Chan et al.'s
 parallel update, so partitions (shards, ranks) combine exactly to the statistics of their
-concatenation, up to float64 rounding.
+concatenation, up to float64 rounding. The computation (``compute_stats``, ``Moments``) is in
+vitok_fast/latents.py; this module is the command line around it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-STATS_FILE = "stats.json"
-
-
-@dataclass
-class Moments:
-    """Per-channel count, mean and M2 (sum of squared deviations from the mean), float64."""
-
-    count: int
-    mean: np.ndarray
-    m2: np.ndarray
-
-    @classmethod
-    def empty(cls, channels: int) -> "Moments":
-        return cls(0, np.zeros(channels), np.zeros(channels))
-
-    @classmethod
-    def of(cls, z: torch.Tensor) -> "Moments":
-        """Moments of a batch of latents (N, c, ...), channel axis 1."""
-        x = z.detach().to("cpu", torch.float64).transpose(0, 1).reshape(z.shape[1], -1).numpy()
-        mean = x.mean(axis=1)
-        return cls(int(x.shape[1]), mean, ((x - mean[:, None]) ** 2).sum(axis=1))
-
-    def merge(self, other: "Moments") -> "Moments":
-        """Chan et al.'s parallel update: the moments of the two partitions together."""
-        if other.count == 0:
-            return Moments(self.count, self.mean.copy(), self.m2.copy())
-        if self.count == 0:
-            return Moments(other.count, other.mean.copy(), other.m2.copy())
-        n = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / n)
-        return Moments(n, mean, m2)
-
-    def to_json(self) -> dict:
-        # Python's float repr round-trips float64 exactly, so a resumed run merges the same bits
-        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Moments":
-        return cls(int(d["count"]), np.asarray(d["mean"], np.float64),
-                   np.asarray(d["m2"], np.float64))
-
-
-def merge_all(parts, channels: int) -> Moments:
-    total = Moments.empty(channels)
-    for part in parts:
-        total = total.merge(part)
-    return total
-
-
-def stats_dict(moments: Moments, *, num_samples: int, sample: bool, seed: int) -> dict:
-    """The stats.json content (see the module docstring for the definitions)."""
-    if moments.count == 0:
-        raise ValueError("no latents to compute statistics of: the data set gave no readable item")
-    channels = len(moments.mean)
-    shift = float(moments.mean.mean())
-    # M2 of all elements about the global mean: the channels' M2 plus each channel's offset
-    m2 = float(moments.m2.sum() + moments.count * ((moments.mean - shift) ** 2).sum())
-    std = (m2 / (moments.count * channels)) ** 0.5
-    return {"shift_factor": shift, "scaling_factor": 1.0 / std, "global_std": std,
-            "mean": moments.mean.tolist(), "std": np.sqrt(moments.m2 / moments.count).tolist(),
-            "count": moments.count, "num_samples": num_samples, "channels": channels,
-            "sample": sample, "seed": seed if sample else None}
-
-
-def stats_latents(mean: torch.Tensor, logvar: torch.Tensor, positions, *, sample: bool,
-                  seed: int) -> torch.Tensor:
-    """The latents the statistics describe: the posterior mean, or with ``sample`` one draw
-    per item whose noise depends only on ``seed`` and the item's position in the data set."""
-    if not sample:
-        return mean
-    from vitok_fast.data import sample_seed
-
-    eps = torch.stack([torch.randn(mean.shape[1:], dtype=torch.float32,
-                                   generator=torch.Generator().manual_seed(
-                                       sample_seed(seed, 0, int(i), purpose=3)))
-                       for i in positions])
-    return mean.float() + torch.exp(0.5 * logvar.float()) * eps
-
-
-def write_stats(path: Path, stats: dict) -> None:
-    from vitok_fast.fileio import atomic_write
-
-    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(stats, indent=2) + "\n"))
-
-
-@torch.no_grad()
-def compute_stats(model, dataset, *, batch_size: int = 32, num_workers: int = 0, device="cpu",
-                  max_samples: int | None = None, sample: bool = False, seed: int = 0,
-                  tile=None, overlap=None, progress: bool = True) -> dict:
-    """stats.json's content for ``dataset`` (a ``with_meta`` dataset), over all ranks.
-
-    Each rank takes items rank, rank + world, ... of the first ``max_samples``; the ranks'
-    moments are gathered and merged in rank order. Adds ``skipped``: [{path, reason}].
-    """
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from vitok_fast.data import collate_items
-    from vitok_fast.evaluate import _distributed, _shard
-
-    if not getattr(dataset, "with_meta", False):
-        raise ValueError("compute_stats needs a dataset made with make_dataset(..., with_meta=True)")
-    rank, world = _distributed()
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        num_workers = min(num_workers, 1)  # more workers would each replay the stream
-    loader = torch.utils.data.DataLoader(_shard(dataset, rank, world, max_samples),
-                                         batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate_items)
-    model.eval()
-    moments, n, skipped = Moments.empty(model.config.channels), 0, []
-    for batch in tqdm(loader, desc="latent stats", unit="batch", disable=not progress or rank != 0):
-        skipped += [{"path": path, "reason": reason} for _, path, reason in batch["skipped"]]
-        if batch["x"] is None:
-            continue
-        posterior = model.encode(batch["x"].to(device), tile=tile, overlap=overlap)
-        z = stats_latents(posterior.mean.float().cpu(), posterior.logvar.float().cpu(),
-                          batch["index"], sample=sample, seed=seed)
-        moments = moments.merge(Moments.of(z))
-        n += z.shape[0]
-    parts = [(moments.to_json(), n, skipped)]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (moments.to_json(), n, skipped))
-    total = merge_all((Moments.from_json(m) for m, _, _ in parts), model.config.channels)
-    stats = stats_dict(total, num_samples=sum(k for _, k, _ in parts), sample=sample, seed=seed)
-    stats["skipped"] = [s for _, _, part in parts for s in part]
-    return stats
-
+# The statistics live in vitok_fast/latents.py with the shard format; re-exported here.
+from vitok_fast.latents import (STATS_FILE, Moments, compute_stats, merge_all,  # noqa: F401
+                                stats_dict, stats_latents, write_stats)
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m vitok_fast.latent_stats", description=__doc__,
@@ -202,7 +73,7 @@ def main(argv=None) -> dict:
     import torch.distributed as dist
 
     from vitok_fast.data import make_dataset
-    from vitok_fast.evaluate import resolve_ckpt
+    from vitok_fast.checkpoint import resolve_ckpt
     from vitok_fast.model import ViTok
 
     device = torch.device(args.device)

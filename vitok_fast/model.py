@@ -3,14 +3,16 @@
 Reads top to bottom like the paper's Figure 1 (arXiv 2501.09755, Section 2;
 docs/design.md section 1): tubelet embed -> encoder blocks -> KL bottleneck -> linear "upsample" ->
 decoder blocks -> head + unpatchify.
+
+``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come from vitok_fast/hub.py's
+``HubMixin`` over the directory format of vitok_fast/pretrained.py (``CONFIG_FILE``,
+``WEIGHTS_FILE``, ``save_model_dir``, ``load_model_dir``, re-exported here); tiled
+encode/decode is vitok_fast/tiling.py. Neither imports this module.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -20,13 +22,11 @@ from torch.utils.checkpoint import checkpoint
 from vitok_fast import ops
 from vitok_fast.attention import DEFAULT_BACKEND, attention, validate_backend
 from vitok_fast.config import ViTokConfig
-from vitok_fast.fileio import atomic_write
+from vitok_fast.hub import HubMixin
 from vitok_fast.kernels import rope_cos_sin
+from vitok_fast.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir  # noqa: F401 (re-exported)
 from vitok_fast.profiling import span
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
+from vitok_fast.tiling import tiled_decode, tiled_encode
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, use_kernels: bool):
@@ -170,21 +170,38 @@ class DiagonalGaussian:
         return 0.5 * torch.mean(m.pow(2) + lv.exp() - 1.0 - lv)
 
 
+class TubeletEmbed(nn.Linear):
+    """The encoder's first Linear, ``patchify(x) @ W.T + b``, as one fused op (ops.tubelet_embed).
+
+    An ``nn.Linear`` called as a module, so that hooks on Linear layers (diffusers' layerwise
+    casting and group offloading, accelerate's device maps) cast or fetch its weights."""
+
+    def forward(self, x, q: int, p: int, use_kernels: bool):
+        return ops.tubelet_embed(x, self.weight, self.bias, q, p, use_kernels)
+
+
+class TubeletHead(nn.Linear):
+    """The decoder's last Linear and unpatchify, ``unpatchify(h @ W.T + b)``, as one fused op
+    (ops.tubelet_unembed); an ``nn.Linear`` called as a module, as :class:`TubeletEmbed`."""
+
+    def forward(self, h, q: int, p: int, T: int, H: int, W: int, use_kernels: bool):
+        return ops.tubelet_unembed(h, self.weight, self.bias, q, p, T, H, W, use_kernels)
+
+
 class Encoder(nn.Module):
     """Tubelet embed -> Llama blocks -> final norm -> Linear to the bottleneck's 2c moments."""
 
     def __init__(self, cfg: ViTokConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Linear(cfg.patch_dim, cfg.encoder_width)
+        self.embed = TubeletEmbed(cfg.patch_dim, cfg.encoder_width)
         self.transformer = Transformer.from_config(cfg, "encoder")
         self.to_moments = nn.Linear(cfg.encoder_width, 2 * cfg.channels)
 
     def forward(self, x, grid):
         cfg = self.cfg
         with span("embed"):
-            h = ops.tubelet_embed(x, self.embed.weight, self.embed.bias, cfg.tubelet_size,
-                                  cfg.patch_size, cfg.use_kernels)
+            h = self.embed(x, cfg.tubelet_size, cfg.patch_size, cfg.use_kernels)
         h = self.transformer(h, grid)
         with span("bottleneck"):
             return self.to_moments(h)
@@ -198,7 +215,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.upsample = nn.Linear(cfg.channels, cfg.decoder_width)
         self.transformer = Transformer.from_config(cfg, "decoder")
-        self.head = nn.Linear(cfg.decoder_width, cfg.patch_dim)
+        self.head = TubeletHead(cfg.decoder_width, cfg.patch_dim)
 
     def forward(self, z_tokens, grid):
         cfg = self.cfg
@@ -207,17 +224,24 @@ class Decoder(nn.Module):
         h = self.transformer(h, grid)
         T, H, W = grid[0] * cfg.tubelet_size, grid[1] * cfg.patch_size, grid[2] * cfg.patch_size
         with span("head"):
-            return ops.tubelet_unembed(h, self.head.weight, self.head.bias, cfg.tubelet_size,
-                                       cfg.patch_size, T, H, W, cfg.use_kernels)
+            return self.head(h, cfg.tubelet_size, cfg.patch_size, T, H, W, cfg.use_kernels)
 
 
-class ViTok(nn.Module):
+class ViTok(HubMixin, nn.Module):
     """ViTok autoencoder. ``model(x)`` returns ``(reconstruction, posterior)``.
 
     Pixels are ``(B, 3, H, W)`` images or ``(B, 3, T, H, W)`` videos in [-1, 1]; any H, W
     divisible by the patch and T divisible by the tubelet works, with the same weights.
     Latents are ``(B, c, H/p, W/p)`` for images and ``(B, c, T/q, H/p, W/p)`` for videos.
     """
+
+    config_class = ViTokConfig  # save_pretrained / from_pretrained / push_to_hub: vitok_fast/hub.py
+    config_tag = "vitok_config"
+
+    # The dtype the layers compute in when it is not the weights' storage dtype: set where the
+    # stored weights are cast up layer by layer for each call (AutoencoderViTok's
+    # enable_layerwise_casting); None: the weights' own dtype.
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, config: ViTokConfig):
         super().__init__()
@@ -250,7 +274,6 @@ class ViTok(nn.Module):
         vitok_fast/tiling.py."""
         if tile is not None:
             self._check_dtype(x, "pixels")
-            from vitok_fast.tiling import tiled_encode
             return tiled_encode(self, x, tile, overlap)
         self._check_pixels(x)
         video = x if x.ndim == 5 else x.unsqueeze(2)
@@ -269,7 +292,6 @@ class ViTok(nn.Module):
         sample's whole output NaN, the rest of the batch is unaffected."""
         if tile is not None:
             self._check_dtype(z, "latent")
-            from vitok_fast.tiling import tiled_decode
             return tiled_decode(self, z, tile, overlap)
         self._check_latent(z)
         video = z if z.ndim == 5 else z.unsqueeze(2)
@@ -286,10 +308,11 @@ class ViTok(nn.Module):
     # -- input checks, at the edge, before any kernel runs ---------------------------------
 
     def _check_dtype(self, x, what: str) -> None:
-        """Floating point, and the model's dtype unless autocast picks the matmul dtype."""
+        """Floating point, and the model's compute dtype (its weights' dtype unless
+        ``compute_dtype`` says otherwise) unless autocast picks the matmul dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of {what}, got {type(x).__name__}")
-        dtype = next(self.parameters()).dtype
+        dtype = self.compute_dtype or next(self.parameters()).dtype
         if not x.is_floating_point():
             expected = ("floating-point pixels in [-1, 1]" if what == "pixels"
                         else "a floating-point latent")
@@ -348,95 +371,6 @@ class ViTok(nn.Module):
             raise ValueError(f"expected {c} latent channels in dim 1, got {z.shape[1]} "
                              f"(shape {tuple(z.shape)})")
 
-    # -- checkpoint I/O ---------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors``, each atomically."""
-        save_model_dir(self, directory, "vitok_config")
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    revision: str | None = None, commit_message: str = "Upload ViTok",
-                    create_pr: bool = False):
-        """Upload ``config.json`` and ``model.safetensors`` to the Hub repo ``repo_id`` (created
-        if missing) in one commit, through huggingface_hub's upload API: vitok_fast/hub.py."""
-        from vitok_fast.hub import push_to_hub
-        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
-                           commit_message=commit_message, create_pr=create_pr)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
-                        cache_dir: str | os.PathLike | None = None,
-                        torch_dtype: torch.dtype | None = None, device=None,
-                        **overrides) -> "ViTok":
-        """Load a model saved by :meth:`save_pretrained`, with strict key and shape checks.
-
-        ``name_or_path`` is a local folder or a Hub id ``namespace/name``; a Hub id is
-        fetched at ``revision`` (branch, tag or commit) into ``cache_dir`` by huggingface_hub,
-        or read from that cache when offline (vitok_fast/hub.py). ``torch_dtype`` casts the
-        weights (e.g. ``torch.bfloat16``); ``device`` defaults to the CPU. ``overrides`` set
-        run-time config fields such as ``use_kernels``.
-        """
-        from vitok_fast.hub import resolve_checkpoint
-
-        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype)
-                                            and torch_dtype.is_floating_point):
-            raise ValueError(f"torch_dtype must be a floating-point torch.dtype such as "
-                             f"torch.bfloat16, got {torch_dtype!r}")
-        directory = resolve_checkpoint(name_or_path, revision, cache_dir)
-        return load_model_dir(cls, ViTokConfig, directory, "ViTok", device=device,
-                              torch_dtype=torch_dtype, overrides=overrides)
-
-
-def save_model_dir(model: nn.Module, directory: str | os.PathLike, tag: str) -> None:
-    """``config.json`` and ``model.safetensors`` of ``model`` (which has a ``config`` with
-    ``to_json``), each written atomically; ``tag`` names the config in the weights' metadata.
-    ViTok and the DiT save through here, so vitok_fast.checkpoint keeps runs of both."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    config = model.config.to_json()
-    atomic_write(directory / WEIGHTS_FILE,
-                 lambda path: save_file(state, path, metadata={"format": "pt", tag: config}))
-    atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config + "\n"))
-
-
-def load_model_dir(cls, config_cls, directory: Path, what: str, *, device=None,
-                   torch_dtype: torch.dtype | None = None, overrides: dict | None = None):
-    """The model of a directory written by :func:`save_model_dir`: each file checked, the
-    config built by ``config_cls.from_dict`` (with ``overrides``), the weights cast to
-    ``torch_dtype`` if given, strict key and shape checks, on ``device`` (default CPU).
-    ``what`` names the model in messages."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    device = "cpu" if device is None else device
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"expected a {what} checkpoint file {path} (a directory written by "
-                f"save_pretrained holds {CONFIG_FILE} and {WEIGHTS_FILE}), but it does not exist")
-    try:
-        config_data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    config = config_cls.from_dict({**config_data, **(overrides or {})})
-    try:
-        state = load_file(weights_path, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(
-            f"{weights_path} is not a readable safetensors file (truncated or corrupt?): {e}"
-        ) from None
-    if torch_dtype is not None:
-        state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    with torch.device("meta"):  # no memory for weights that are replaced at once
-        model = cls(config)
-    _check_state(model.state_dict(), state, config_path, weights_path)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device)
-
 
 _AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -454,18 +388,3 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-def _check_state(expected: dict, given: dict, config_path, weights_path) -> None:
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights_path} does not match {config_path}: missing keys {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}")
-    for key, tensor in expected.items():
-        if tuple(given[key].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"shape mismatch for {key}: {config_path} expects {tuple(tensor.shape)}, "
-                f"{weights_path} holds {tuple(given[key].shape)}")

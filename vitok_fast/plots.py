@@ -181,9 +181,9 @@ def main(argv=None) -> Path:
     if args.command == "curves":
         return training_curves(args.log, args.out, args.keys and args.keys.split(","))
     from vitok_fast.data import make_dataset
-    from vitok_fast.evaluate import resolve_ckpt
+    from vitok_fast.checkpoint import resolve_ckpt
     from vitok_fast.model import ViTok
-    from vitok_fast.reconstruct import reconstruct_pixels
+    from vitok_fast.media import reconstruct_pixels
 
     model = ViTok.from_pretrained(resolve_ckpt(args.ckpt), device=args.device,
                                   **({"use_kernels": False} if args.no_kernels else {})).eval()

@@ -11,6 +11,7 @@ resizes the shorter side to R and centre-crops R x R instead); big inputs can be
 ``--tile``. An image model reconstructs a video frame by frame. A file that cannot be
 reconstructed (unreadable, smaller than one patch, an image for a video model) is reported
 and skipped; ``psnr.json`` holds the others, and the exit status is 2 if any failed.
+Reading and writing the files and fitting pixels to the model are vitok_fast/media.py.
 """
 
 from __future__ import annotations
@@ -20,122 +21,21 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from vitok_fast import cli
 from vitok_fast import metrics as M
 from vitok_fast.fileio import atomic_write
+# File I/O and the pixel preparation live in vitok_fast/media.py; re-exported here.
+from vitok_fast.media import (fit_to_model, read_image, read_video,  # noqa: F401
+                              reconstruct_pixels, to_array, to_pixels, write_image, write_video)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".webm", ".avi", ".mov", ".mkv"}
 
 
-# -- file I/O (uint8 arrays: images (H, W, 3), videos (T, H, W, 3)) -----------------------
-
-
-def read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path} as an image ({e})") from None
-
-
-def read_video(path: Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """All frames (or the first max_frames) as (T, H, W, 3) uint8, and the frame rate."""
-    import av
-
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or 25)
-            frames = []
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames and len(frames) >= max_frames:
-                    break
-    except (av.error.FFmpegError, IndexError) as e:
-        raise ValueError(f"cannot read {path} as a video ({e})") from None
-    if not frames:
-        raise ValueError(f"{path} holds no video frames")
-    return np.stack(frames), fps
-
-
-def write_image(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(array).save(path)
-
-
-def write_video(path: Path, frames: np.ndarray, fps: float = 25.0) -> None:
-    """(T, H, W, 3) uint8 -> H.264 MP4 (MPEG-4 part 2 where libx264 is not built in)."""
-    import av
-
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=round(fps))
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": "12"}  # near-lossless: the file is for looking at
-        for array in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-        container.mux(stream.encode())
-
-
-def to_pixels(array: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> (3, H, W), or (T, H, W, 3) -> (3, T, H, W), in [-1, 1]."""
-    t = torch.from_numpy(array)
-    t = t.permute(2, 0, 1) if t.ndim == 3 else t.permute(3, 0, 1, 2)
-    return t.float() / 127.5 - 1.0
-
-
-def to_array(pixels_u8: torch.Tensor) -> np.ndarray:
-    """uint8 (3, H, W) or (3, T, H, W) -> channels-last numpy."""
-    t = pixels_u8.permute(1, 2, 0) if pixels_u8.ndim == 3 else pixels_u8.permute(1, 2, 3, 0)
-    return t.contiguous().cpu().numpy()
-
-
-def fit_to_model(x: torch.Tensor, cfg, resolution: int | None, path) -> torch.Tensor:
-    """Resize/centre-crop (3, [T,] H, W) pixels to a size the model takes, or say why not."""
-    import torch.nn.functional as F
-
-    H, W = x.shape[-2:]
-    p = cfg.patch_size
-    if resolution is not None:
-        if resolution % p:
-            raise ValueError(f"--resolution must be a multiple of the patch size {p}, got {resolution}")
-        s = resolution / min(H, W)
-        size = (max(resolution, round(H * s)), max(resolution, round(W * s)))
-        flat = x.reshape(-1, 3, H, W) if x.ndim == 3 else x.transpose(0, 1)
-        flat = F.interpolate(flat, size=size, mode="bicubic", align_corners=False, antialias=True)
-        x = (flat[0] if x.ndim == 3 else flat.transpose(0, 1)).clamp(-1, 1)
-        H, W, h, w = *size, resolution, resolution
-    else:
-        if H < p or W < p:
-            raise ValueError(f"{path} is {H}x{W} pixels, smaller than one {p}x{p} patch of "
-                             f"{cfg.name}: expected at least {p}x{p}")
-        h, w = H // p * p, W // p * p
-    top, left = (H - h) // 2, (W - w) // 2
-    return x[..., top:top + h, left:left + w]
-
-
 # -- the command ----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reconstruct_pixels(model, x: torch.Tensor, tile=None, overlap=None) -> torch.Tensor:
-    """(B, 3, [T,] H, W) -> the model's reconstruction from the posterior mean, clamped."""
-    z = model.encode(x, tile=tile, overlap=overlap).mode()
-    return model.decode(z, tile=tile, overlap=overlap).clamp(-1, 1)
 
 
 def reconstruct_file(model, path: Path, out: Path, *, resolution=None, max_frames=None,
@@ -227,7 +127,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", type=cli.device, default=cli.default_device())
     args = p.parse_args(argv)
 
-    from vitok_fast.evaluate import resolve_ckpt
+    from vitok_fast.checkpoint import resolve_ckpt
     from vitok_fast.model import ViTok
 
     paths = expand_inputs(args.inputs)

@@ -14,7 +14,6 @@ and ``labels``; ``python -m vitok_fast.evaluate --generated DIR`` scores them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -22,49 +21,10 @@ import numpy as np
 import torch
 
 from vitok_fast.cli import UserError, run
+# What train/dit.py shares with sampling lives in vitok_fast/dit.py and vitok_fast/media.py.
+from vitok_fast.dit import LATENT_FILE, decode_samples, find_latent_info  # noqa: F401
 from vitok_fast.fileio import atomic_write
-
-LATENT_FILE = "latents.json"
-
-
-def find_latent_info(path: Path) -> dict:
-    """``latents.json`` of the run that ``path`` (run, checkpoint or ema folder) belongs to."""
-    for folder in (path, *list(path.parents)[:3]):
-        if (folder / LATENT_FILE).is_file():
-            return json.loads((folder / LATENT_FILE).read_text())
-    raise FileNotFoundError(f"no {LATENT_FILE} in {path} or the three folders above it: expected "
-                            f"a run directory of train/dit.py (it writes {LATENT_FILE}) or a "
-                            f"checkpoint inside one")
-
-
-@torch.no_grad()
-def decode_samples(vitok, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """ViTok latents -> pixels in [-1, 1], in batches."""
-    if vitok is None:
-        raise UserError("decoding samples needs the ViTok that encoded the latents: pass --vitok")
-    z = z.to(next(vitok.parameters()).device)
-    return torch.cat([vitok.decode(z[i:i + batch_size]).float().clamp(-1, 1).cpu()
-                      for i in range(0, len(z), batch_size)])
-
-
-def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def save_sample_grid(path, pixels: torch.Tensor, rows: int) -> None:
-    """A PNG of (N, 3, H, W) samples (videos: their first frames) in ``rows`` rows."""
-    from PIL import Image
-
-    if pixels.ndim == 5:
-        pixels = pixels[:, :, 0]
-    cols = len(pixels) // rows
-    grid = pixels[:rows * cols].reshape(rows, cols, *pixels.shape[1:])
-    grid = grid.permute(2, 0, 3, 1, 4).reshape(3, rows * pixels.shape[2], cols * pixels.shape[3])
-    image = Image.fromarray(to_uint8(grid).permute(1, 2, 0).cpu().numpy())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
+from vitok_fast.media import save_sample_grid, to_array, to_uint8, write_video  # noqa: F401
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
     try:
@@ -98,12 +58,10 @@ def main(argv=None) -> dict:
         raise UserError(f"--per-class and --batch-size must be at least 1, got "
                         f"{args.per_class} and {args.batch_size}")
 
+    from vitok_fast.checkpoint import resolve_ckpt
     from vitok_fast.dit import DiT, Diffusion, LatentNorm
-    from vitok_fast.evaluate import resolve_ckpt
     from vitok_fast.model import ViTok
     from PIL import Image
-
-    from vitok_fast.reconstruct import to_array, write_video
 
     overrides = {"use_kernels": False} if args.no_kernels else {}
     dit_dir = resolve_ckpt(args.dit)

@@ -99,17 +99,19 @@ def _run_tiled(fn, x, plan, scale):
 
 
 def tiled_encode(model, x: torch.Tensor, tile, overlap=None):
-    """model.encode over overlapping tiles; returns the blended DiagonalGaussian."""
-    from vitok_fast.model import DiagonalGaussian
-
+    """model.encode over overlapping tiles; returns the blended posterior, of the type
+    ``model.encode`` returns (a DiagonalGaussian: this module does not import the model)."""
     model._check_pixels(x)
     cfg, video = model.config, x.ndim == 5
     v = x if video else x.unsqueeze(2)
     plan = _plan(cfg, v.shape[2:], tile, overlap, video)
     c = cfg.channels
+    posterior_type = None
 
     def encode(piece):
+        nonlocal posterior_type
         post = model.encode(piece if video else piece.squeeze(2))
+        posterior_type = type(post)
         m = torch.cat([post.mean, post.logvar], dim=1)
         return m if video else m.unsqueeze(2)
 
@@ -117,7 +119,7 @@ def tiled_encode(model, x: torch.Tensor, tile, overlap=None):
     moments = _run_tiled(encode, v, plan, scale)
     if not video:
         moments = moments.squeeze(2)
-    return DiagonalGaussian(moments[:, :c], moments[:, c:])
+    return posterior_type(moments[:, :c], moments[:, c:])
 
 
 def tiled_decode(model, z: torch.Tensor, tile, overlap=None):

@@ -1,6 +1,7 @@
-"""What train/stage1.py and train/stage2.py share: arguments, optimizer and schedule, the
-non-finite guard, EMA, throughput and MFU, held-out evaluation, logging, stopping on a
-signal. The loops themselves stay in the scripts, where a reader can see them.
+"""The pieces the training scripts share (train/stage1.py, stage2.py, dit.py): arguments,
+optimizer and schedule, the non-finite guard, EMA, throughput and MFU, held-out evaluation,
+logging, stopping on a signal. vitok_fast/run.py assembles them into the run skeleton; the
+loops themselves stay in the scripts, where a reader can see them.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def check_resume_model(checkpoint: Path, config: ViTokConfig, asked: str) -> Non
     """A checkpoint of another model (size, channels, patch, ...) cannot be resumed into this
     run: say which config fields differ and how to get on, before any weight is loaded.
     ``asked`` says where this run's model comes from (``--model S-B/16 --channels 16``)."""
-    from vitok_fast.model import CONFIG_FILE
+    from vitok_fast.pretrained import CONFIG_FILE
 
     saved = ViTokConfig.from_dict(json.loads((Path(checkpoint) / CONFIG_FILE).read_text()))
     changed = saved.differences(config)
@@ -580,6 +581,20 @@ def _triton_version() -> str | None:
 
 
 # -- held-out evaluation and logging (rank 0 writes) ---------------------------------------
+
+
+def image_data(args, device: torch.device):
+    """The autoencoder stages' data: the training stream of ``--data`` and the held-out
+    batch of ``--val-data`` on ``device`` (None without one); a bad path, pattern or file
+    is a user error naming its option."""
+    from vitok_fast.data import make_dataset
+
+    with cli.option("--data", args.data):
+        train_set = make_dataset(args.data, args.resolution, args.frames,
+                                 frame_stride=args.frame_stride, train=True, seed=args.seed)
+    with cli.option("--val-data", args.val_data):
+        val_batch = heldout_batch(args, args.val_images)
+    return train_set, (val_batch.to(device) if val_batch is not None else None)
 
 
 def heldout_batch(args, n: int) -> torch.Tensor | None:
