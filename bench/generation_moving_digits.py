@@ -214,7 +214,7 @@ def reconstruct(vitok, clips: torch.Tensor, batch: int = 128) -> torch.Tensor:
 def save_run(directory, vitok, dit, latents: dict, meta: dict) -> Path:
     """The ViTok and the DiT as ``python -m vitok_fast.sample`` reads them: ``vitok/`` and a
     ``dit/`` folder holding the DiT and the ``latents.json`` train/dit.py would write."""
-    from vitok_fast.sample import LATENT_FILE
+    from vitok_fast.dit import LATENT_FILE
 
     directory = Path(directory)
     vitok.save_pretrained(directory / "vitok")
@@ -237,7 +237,8 @@ def run_check(seed: int = 0, *, vitok_steps: int = 2000, dit_steps: int = 3000,
     """The whole check; returns the record with KEYS (device and versions left to main)."""
     from sklearn.decomposition import PCA
 
-    from vitok_fast.dit import LatentNorm, load_latent_set, write_latent_set
+    from vitok_fast.dit import LatentNorm
+    from vitok_fast.latents import load_latent_set, write_latent_set
     from vitok_fast.losses import psnr
 
     start = time.perf_counter()

@@ -173,7 +173,7 @@ def load_generated(path) -> torch.Tensor:
         if files:
             images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         elif videos:
-            from vitok_fast.reconstruct import read_video
+            from vitok_fast.media import read_video
 
             clips = [read_video(f)[0] for f in videos]
             shapes = sorted({c.shape for c in clips})
