@@ -146,7 +146,7 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
 # -- generation: gFID and gIS of samples against reference statistics ------------------------
 
 
-GENERATION_METRICS = ("gfid", "gis")
+GENERATION_METRICS = ("gfid", "gis", "gfvd")
 
 
 def load_generated(path, resolution: int | None = None) -> tuple[torch.Tensor, list[dict]]:
@@ -250,6 +250,116 @@ def _stats_from_moments(mu, sigma, n: int = 50_000) -> "M.FrechetStats":
     return stats
 
 
+def generated_clips(path) -> bool:
+    """True if ``path`` (a samples folder, an .npz, or a folder of files) holds video samples:
+    5-d pixels in its .npz, or video files and no images in the folder."""
+    import numpy as np
+
+    from vitok_fast.data import IMAGE_EXTS, VIDEO_EXTS
+
+    path = Path(path)
+    if path.is_dir() and (path / "samples.npz").is_file():
+        path = path / "samples.npz"
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path) as data:
+            key = next((k for k in ("pixels", "arr_0") if k in data), None)
+            return key is not None and data[key].ndim == 5
+    if not path.is_dir():
+        return False
+    suffixes = {f.suffix.lower() for f in path.iterdir() if f.is_file()}
+    return bool(suffixes & set(VIDEO_EXTS)) and not suffixes & set(IMAGE_EXTS)
+
+
+def load_generated_clips(path) -> torch.Tensor:
+    """uint8 clips (N, 3, T, H, W) from samples.npz / an .npz holding (N, T, H, W, 3) uint8
+    ``pixels`` or ``arr_0``, or a folder of video files of one size."""
+    import numpy as np
+
+    from vitok_fast.data import VIDEO_EXTS
+    from vitok_fast.media import read_video
+
+    path = Path(path)
+    if path.is_dir() and (path / "samples.npz").is_file():
+        path = path / "samples.npz"
+    if path.is_file() and path.suffix == ".npz":
+        data = np.load(path)
+        key = next((k for k in ("pixels", "arr_0") if k in data), None)
+        if key is None:
+            raise ValueError(f"{path} holds {sorted(data)}: expected 'pixels' or 'arr_0' clips")
+        clips = data[key]
+    else:
+        videos = sorted(f for f in path.iterdir() if f.suffix.lower() in VIDEO_EXTS)
+        if not videos:
+            raise FileNotFoundError(f"{path} holds no samples.npz and no videos "
+                                    f"({', '.join(VIDEO_EXTS)})")
+        frames = [read_video(f)[0] for f in videos]
+        shapes = sorted({c.shape for c in frames})
+        if len(shapes) > 1:
+            raise ValueError(f"the videos in {path} have {len(shapes)} shapes (T, H, W, 3) "
+                             f"{shapes[:3]}: generated clips must share one; pass samples.npz")
+        clips = np.stack(frames)
+    if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
+        raise ValueError(f"expected uint8 clips (N, T, H, W, 3) in {path}, got {clips.dtype} "
+                         f"{clips.shape}")
+    return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).contiguous()
+
+
+@torch.no_grad()
+def i3d_stats(batches, i3d, *, device="cpu", progress: bool = True) -> "M.FrechetStats":
+    """FVD statistics (I3D's 400 logits) of uint8 clips (B, 3, T, H, W), batch by batch."""
+    stats = M.FrechetStats(400)
+    for clips in tqdm(batches, desc="I3D", disable=not progress):
+        stats.update(M.i3d_features(i3d, clips.to(device)).cpu())
+    return stats
+
+
+def real_clip_batches(source, frames: int, resolution: int, batch_size: int):
+    """uint8 clips of a real video folder (UCF-101's class folders, any layout
+    vitok_fast.data reads) at the generated clips' size: shorter side resized to
+    ``resolution``, centre crop, the first ``frames`` frames (the evaluation protocol)."""
+    from vitok_fast.data import make_dataset
+
+    dataset = make_dataset(str(source), resolution, frames, train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return (M.quantize(x) for x in loader)
+
+
+def evaluate_generated_videos(args, clips: torch.Tensor) -> dict:
+    """gFVD of generated uint8 clips (N, 3, T, H, W) against ``--ref-stats``: an .npz with
+    the I3D ``mu`` and ``sigma``, samples (samples.npz or a folder of same-size clips), or a
+    folder of real videos, read at the samples' size."""
+    import numpy as np
+
+    i3d = M.load_i3d(args.i3d, args.device)
+    batches = lambda x: (x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size))
+    T, H, W = clips.shape[2:]
+    ref = None
+    if args.ref_stats:
+        ref_path = Path(args.ref_stats)
+        data = np.load(ref_path) if ref_path.suffix == ".npz" and ref_path.is_file() else None
+        if data is not None and "mu" in data and "sigma" in data:
+            if data["mu"].shape != (400,):
+                raise ValueError(f"--ref-stats {ref_path} holds statistics of {data['mu'].shape} "
+                                 f"features; gFVD needs I3D's 400 (written by --stats-out on "
+                                 f"clips)")
+            ref = _stats_from_moments(data["mu"], data["sigma"])
+        elif data is not None or (ref_path / "samples.npz").is_file():
+            ref = i3d_stats(batches(load_generated_clips(ref_path)), i3d, device=args.device)
+        else:
+            if H != W:
+                raise ValueError(f"real reference videos are centre-cropped square; the samples "
+                                 f"are {H}x{W}: pass reference statistics or clips of that size")
+            ref = i3d_stats(real_clip_batches(ref_path, T, H, args.batch_size), i3d,
+                            device=args.device)
+    stats = i3d_stats(batches(clips), i3d, device=args.device)
+    results = {"generated": str(args.generated), "ref_stats": args.ref_stats,
+               **({"gfvd": M.frechet_distance(ref, stats)} if ref is not None else {}),
+               "num_samples": len(clips), "frames": T, "resolution": [H, W],
+               "protocol": f"I3D 400-d logits ({M.I3D_FILE}), TF1 bilinear resize to 224, "
+                           f"[-1, 1]"}
+    return results, stats
+
+
 def evaluate_generated(args) -> dict:
     """``--generated DIR --ref-stats REF``: gFID and gIS; ``--stats-out`` keeps the mu/sigma."""
     import numpy as np
@@ -269,6 +379,20 @@ def evaluate_generated(args) -> dict:
         raise FileNotFoundError(f"--ref-stats {ref_path} does not exist: expected an .npz with mu "
                                 f"and sigma, or a folder / .npz of real images")
     out = Path(args.out) if args.out else default_generated_out(args.generated)
+    if generated_clips(args.generated):  # video samples: gFVD with I3D
+        with cli.option("--generated", args.generated):
+            clips = load_generated_clips(args.generated)
+        results, stats = evaluate_generated_videos(args, clips)
+        if args.stats_out:
+            mu, sigma = stats.mean_cov()
+            atomic_write(Path(args.stats_out),
+                         lambda p: np.savez(open(p, "wb"), mu=mu, sigma=sigma))
+        if "gfvd" in results:
+            print(f"GFVD {results['gfvd']:.4f}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
+        print(f"wrote {out}", file=sys.stderr)
+        return results
     inception = M.load_inception(
         args.inception, args.device, features=("2048", "logits_unbiased"),
         without=f"the file torch-fidelity's v0.2.0 release on GitHub serves (gFID and gIS both "
@@ -327,10 +451,12 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m vitok_fast.evaluate", description=__doc__)
     cli.add_ckpt(p)
     p.add_argument("--data", help="any source vitok_fast.data.make_dataset reads")
-    p.add_argument("--generated", help="instead of --ckpt/--data: gFID and gIS of the samples in "
-                   "this folder (python -m vitok_fast.sample) against --ref-stats")
+    p.add_argument("--generated", help="instead of --ckpt/--data: gFID and gIS of the image "
+                   "samples in this folder (python -m vitok_fast.sample), or gFVD of its video "
+                   "samples, against --ref-stats")
     p.add_argument("--ref-stats", help="with --generated: an .npz with mu and sigma (ADM's "
-                   "reference batches hold them), or a folder / .npz of real images")
+                   "reference batches hold them), a folder / .npz of real images, or a folder "
+                   "of real videos (UCF-101's class folders: read at the samples' size)")
     p.add_argument("--stats-out", help="with --generated: write the samples' mu and sigma here")
     p.add_argument("--resolution", type=cli.positive_int,
                    help="centre-crop size (default: the checkpoint's training resolution, else "
