@@ -289,9 +289,9 @@ def test_sample_cli_writes_video_samples_as_mp4s_that_decode_to_their_frames(vid
     result = sample.main(["--dit", str(video_run / "dit"), "--classes", "0,1", "--per-class", "2",
                           "--steps", "2", "--out", str(out), "--no-kernels", "--device", "cpu"])
     assert result["shape"] == [4, 16, 32, 32, 3]
-    files = sorted(out.glob("*.mp4"))
-    assert [f.name for f in files] == ["0000_0000.mp4", "0000_0001.mp4", "0001_0000.mp4",
-                                       "0001_0001.mp4"]
+    files = sorted(out.rglob("*.mp4"))  # <class>/<k>.mp4, as image samples are named
+    assert [f.relative_to(out).as_posix() for f in files] == [
+        "0/0000.mp4", "0/0001.mp4", "1/0000.mp4", "1/0001.mp4"]
     pixels = np.load(out / "samples.npz")["pixels"]
     for i, (f, clip) in enumerate(zip(files, pixels)):
         with av.open(str(f)) as container:
@@ -316,8 +316,8 @@ def test_gfvd_of_video_samples_and_rfvd_of_a_video_folder_with_i3d_weights(video
                  "--out", str(tmp_path / "samples"), "--no-kernels", "--device", "cpu"])
     clips = tmp_path / "clips"  # the MP4s alone: a folder of generated videos
     clips.mkdir()
-    for f in (tmp_path / "samples").glob("*.mp4"):
-        shutil.copy(f, clips)
+    for f in (tmp_path / "samples").rglob("*.mp4"):
+        shutil.copy(f, clips / f"{f.parent.name}_{f.name}")
     real = tmp_path / "real"  # UCF-101's layout: class folders of videos of another size
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
