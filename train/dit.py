@@ -29,8 +29,8 @@ from vitok_fast.dit import LATENT_FILE, DiT, DiTConfig, Diffusion, LatentNorm  #
 from vitok_fast.fileio import atomic_write
 from vitok_fast.latents import load_latent_set
 from vitok_fast.run import TrainingRun
-from vitok_fast.training import (EMA, StopOnSignal, build_optimizer, clip_grad_norm,
-                                 cosine_schedule, noise_seed)
+from vitok_fast.training import (EMA, StopOnSignal, add_dist_timeout, build_optimizer,
+                                 clip_grad_norm, cosine_schedule, noise_seed)
 
 
 # [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
@@ -73,6 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     g.add_argument("--no-kernels", action="store_true")
     g.add_argument("--device", type=cli.device, default=None)
+    add_dist_timeout(g)
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", type=cli.output_dir, default=None, help="run directory (default: runs/dit-<model>)")
     g.add_argument("--resume", default="auto")

@@ -86,6 +86,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     g.add_argument("--device", type=cli.device, default=None,
                    help="cuda or cpu (default: cuda if available)")
+    add_dist_timeout(g)
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", type=cli.output_dir, default=None,
                    help="run directory (default: runs/<stage>-<model>)")
@@ -102,6 +103,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoke", action="store_true",
                    help="a CPU-sized run: T-T/8 at 32px, batch 8, 30 steps, embedded data, "
                    "random LPIPS backbone unless --lpips-vgg is given")
+
+
+def add_dist_timeout(group) -> None:
+    """``--dist-timeout``, which every training script takes (docs/training.md)."""
+    group.add_argument("--dist-timeout", type=cli.positive_float, default=D.DEFAULT_TIMEOUT_S,
+                       help="seconds a rank waits for the others (the rendezvous, each "
+                       "collective) before it exits non-zero, naming the step, so that torchrun "
+                       "or the scheduler restarts the job instead of it hanging; must cover rank "
+                       "0's checkpoint writes and sample grids")
 
 
 # [ours] The paper's lr rule gives 3e-6 at batch 8, far too low for a model this small.
@@ -265,6 +275,7 @@ class StopOnSignal:
 
     def __init__(self):
         self.signum: int | None = None  # the first signal this process got
+        self.step: int | None = None  # the last step finished (TrainingRun.tick), for errors
         self.stopped_by: int | None = None  # the signal every rank agreed to stop on
         self.interrupts = 0
         self._previous = {}
@@ -278,10 +289,27 @@ class StopOnSignal:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if exc is not None and D.peer_failure(exc):
+            self.lost_peer(exc)
+
+    def lost_peer(self, exc: BaseException) -> None:
+        """Another rank died or went silent (a collective or the rendezvous ran past
+        ``--dist-timeout``, a connection closed): one line naming this rank and the step,
+        then exit 1 at once, without waiting on the process group, so that ``torchrun
+        --max-restarts`` restarts the job (from the last checkpoint) or the scheduler
+        requeues it. No checkpoint: the step cannot finish without its peers."""
+        where = f"in step {self.step + 1}" if self.step is not None else "during set-up"
+        reason = cli.first_sentence(exc, 200)
+        sys.stdout.flush()
+        print(f"\nerror: rank {os.environ.get('RANK', '0')} lost contact with the other ranks "
+              f"{where} ({type(exc).__name__}: {reason}); exiting so that torchrun "
+              f"--max-restarts or the scheduler can restart the job from the last checkpoint",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # the process group's clean-up could wait on the silent peer
 
     def _handle(self, signum, frame) -> None:
         # os.write, not print: the handler may interrupt a print on the same stream, and a
