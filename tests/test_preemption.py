@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -302,64 +303,188 @@ def test_dit_sigusr1_saves_and_the_resume_is_bit_identical_ema_included(tmp_path
         capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
 
 
-def _torchrun(out, *launcher, steps=6, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc-per-node", "2", *launcher, str(ROOT / "train" / "stage1.py"),
-           *_args(out, "--max-steps", steps, "--save-every", 2, "--device", "cpu", resume="auto")]
-    log = open(str(out) + ".log", "w")
-    # The shared rendezvous store hands restarted gloo ranks stale peer addresses (see
-    # docs/training.md); torchrun's own switch turns the sharing off.
-    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+def _free_port():
+    with socket.socket() as s:  # the kernel picks a free one; a race with another binder is
+        s.bind(("127.0.0.1", 0))  # possible but unlikely within the second it takes
+        return s.getsockname()[1]
 
 
-def _worker_pid(launcher_pid, rank):
-    """The pid of torchrun's worker of ``rank`` (from /proc: its RANK variable)."""
-    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
-        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in environ:
-            return int(child)
-    return None
+class Job:
+    """A torchrun job of 2 gloo ranks of stage 1 (``--resume auto``) in the background:
+    ``static`` rendezvous (``--master_port``, what most users type), ``c10d``
+    (``--standalone``), or ``nodes``: two agents on this machine as two nodes of one process
+    each (c10d on 127.0.0.1). No environment variable beyond the thread count."""
+
+    def __init__(self, out, kind="static", *extra, steps=6, restarts=0, script="stage1",
+                 args=None):
+        self.out, self.log = Path(out), Path(str(out) + ".log")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        nodes = {"static": [["--nproc-per-node", "2", "--master-port", str(port)]],
+                 "c10d": [["--standalone", "--nproc-per-node", "2"]],
+                 "nodes": [["--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1",
+                            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                            "--rdzv-id", self.out.name] for n in (0, 1)]}[kind]
+        if args is None:
+            args = _args(out, "--max-steps", steps, "--save-every", 2, "--device", "cpu",
+                         resume="auto")
+        log = open(self.log, "w")
+        self.agents = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *node, "--max-restarts",
+             str(restarts), str(ROOT / "train" / f"{script}.py"), *args, *map(str, extra)],
+            stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT) for node in nodes]
+
+    def worker(self, rank):
+        """The pid of the worker of ``rank`` (from /proc: its RANK variable), or None."""
+        for agent in self.agents:
+            try:
+                children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text()
+                for child in children.split():
+                    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                    if f"RANK={rank}".encode() in environ:
+                        return int(child)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return None
+
+    def signal(self, rank, sig):
+        pid = self.worker(rank)
+        if pid is not None:
+            os.kill(pid, sig)
+        return pid is not None
+
+    def done(self):
+        return all(a.poll() is not None for a in self.agents)
+
+    @property
+    def returncodes(self):
+        return [a.returncode for a in self.agents]
+
+    def text(self):
+        return self.log.read_text().replace("\r", "\n")
+
+    def logged(self):
+        return max(_losses_or_empty(self.out), default=0)
+
+    def stop(self):
+        """Kill what is left (a SIGSTOPped worker, a job past the deadline)."""
+        for rank in (0, 1):
+            self.signal(rank, signal.SIGKILL)
+        for agent in self.agents:
+            try:
+                agent.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
 
 
-@pytest.mark.slow(reason="three torchrun jobs of 2 gloo ranks, one restarted (~1 min)")
-def test_torchrun_lost_rank_restarts_exactly_and_a_signal_to_one_rank_stops_both(tmp_path):
-    full = _torchrun(tmp_path / "full")
-    # Rank 1 dies (SIGKILL) right after step 3; the checkpoint of step 2 is the newest.
-    cut = _torchrun(tmp_path / "cut", "--max-restarts", "1", env={"VITOK_FAULT_KILL": "step:3:1"})
-    # SIGTERM to rank 1 alone, as a scheduler might deliver it: rank 0 must stop too.
-    one = _torchrun(tmp_path / "one", steps=STEPS)
-    deadline = time.time() + 300
+def _drive(jobs: dict, triggers: dict, timeout=420):
+    """Poll the jobs; a trigger is a list of (condition(job), action(job)) pairs, each
+    fired once and in order. Returns when every job has ended (or at the deadline)."""
+    pending, deadline = {k: list(v) for k, v in triggers.items()}, time.time() + timeout
+    while time.time() < deadline and not all(j.done() for j in jobs.values()):
+        for name, todo in pending.items():
+            if todo and todo[0][0](jobs[name]) and todo[0][1](jobs[name]) is not False:
+                todo.pop(0)
+        time.sleep(0.02)
+    return {name: not todo for name, todo in pending.items()}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """torchrun jobs started together: a reference; ranks SIGKILLed from outside at several
+    moments under static and c10d rendezvous and on two nodes (one restart each); SIGTERM to
+    one rank; a rank stopped (SIGSTOP) under a 8-second --dist-timeout."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    jobs = {"full": Job(tmp / "full", "c10d"),
+            # a step's forward/backward/all-reduce: after step 3 was logged, ckpt 2 the newest
+            "static-step": Job(tmp / "static-step", "static", restarts=1),
+            # rank 0 while it writes a checkpoint (a hidden .step_*.tmp directory exists)
+            "c10d-save": Job(tmp / "c10d-save", "c10d", restarts=1),
+            # set-up and the first batches: rank 0 printed its start line, no step logged yet
+            "static-setup": Job(tmp / "static-setup", "static", restarts=1),
+            # the worker of node 1 after step 4 was logged: both nodes restart
+            "nodes": Job(tmp / "nodes", "nodes", restarts=1),
+            "one": Job(tmp / "one", "static", steps=STEPS),
+            "stall": Job(tmp / "stall", "static", "--dist-timeout", STALL_TIMEOUT, steps=STEPS)}
+    kill = lambda rank: lambda job: job.signal(rank, signal.SIGKILL)
+    jobs["stall"].stopped_at = None
+
+    def stall(job):
+        job.stopped_at = time.time()
+        return job.signal(1, signal.SIGSTOP)
+
     try:
-        while time.time() < deadline and one.poll() is None:
-            if _losses_or_empty(tmp_path / "one") and (pid := _worker_pid(one.pid, 1)):
-                os.kill(pid, signal.SIGTERM)
-                break
-            time.sleep(0.02)
-        for job in (full, cut, one):
-            job.wait(timeout=max(10, deadline - time.time()))
-    finally:  # a hung job: torchrun forwards SIGTERM, then SIGKILLs its workers after 30 s
-        for job in (full, cut, one):
-            if job.poll() is None:
-                job.terminate()
-                job.wait(timeout=60)
-    logs = {name: (tmp_path / f"{name}.log").read_text().replace("\r", "\n")
-            for name in ("full", "cut", "one")}
-    assert full.returncode == 0, logs["full"][-3000:]
-    assert cut.returncode == 0, logs["cut"][-3000:]
-    assert (tmp_path / "cut" / ".fault-step-3-rank1").exists()  # the fault did happen
-    assert f"resumed from {tmp_path / 'cut' / 'step_00000002'} at step 2" in logs["cut"]
-    assert _same_weights(tmp_path / "cut" / "step_00000006", tmp_path / "full" / "step_00000006")
-    steps = [r["step"] for r in _rows(tmp_path / "cut") if "train/loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]  # step 3, logged before the kill, is not doubled
+        fired = _drive(jobs, {
+            "static-step": [(lambda j: j.logged() >= 3, kill(1))],
+            "c10d-save": [(lambda j: any(j.out.glob(".step_*.tmp")), kill(0))],
+            "static-setup": [(lambda j: "fresh start" in j.text(), kill(0))],
+            "nodes": [(lambda j: j.logged() >= 4, kill(1))],
+            "one": [(lambda j: j.logged() >= 1, lambda j: j.signal(1, signal.SIGTERM))],
+            "stall": [(lambda j: j.logged() >= 1, stall),
+                      (lambda j: j.worker(0) is None,
+                       lambda j: setattr(j, "rank0_gone", time.time()))]})
+    finally:
+        for job in jobs.values():
+            job.stop()
+    return jobs, fired
 
+
+STALL_TIMEOUT = 8
+
+
+@pytest.mark.slow(reason="seven torchrun jobs of 2 gloo ranks, four restarted (~2 min)")
+@pytest.mark.parametrize("name", ["static-step", "c10d-save", "static-setup", "nodes"])
+def test_a_rank_killed_from_outside_restarts_under_torchrun_and_ends_bit_identical(cluster,
+                                                                                   name):
+    jobs, fired = cluster
+    job, full = jobs[name], jobs["full"]
+    text = job.text()
+    assert fired[name], text[-3000:]  # the kill was sent
+    assert full.returncodes == [0], full.text()[-3000:]
+    assert job.returncodes == [0] * len(job.agents), text[-3000:]
+    starts = re.findall(r"(fresh start|resumed from \S+ at step \d+)", text)
+    assert len(starts) == 2, starts  # the killed attempt and the restarted one
+    assert "Connection refused" not in text and "connectFullMesh" not in text
+    assert _same_weights(job.out / "step_00000006", full.out / "step_00000006")
+    steps = [r["step"] for r in _rows(job.out) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step logged once
+    assert _losses(job.out) == _losses(full.out)
+    if name == "nodes":  # ranks 0 and 1 on two agents: one process each
+        assert text.count("fresh start") + text.count("resumed from") == 2
+
+
+@pytest.mark.slow(reason="shares the torchrun jobs above")
+def test_a_signal_to_one_rank_stops_both_after_the_same_step(cluster):
+    jobs, fired = cluster
+    job = jobs["one"]
+    text = job.text()
+    assert fired["one"], text[-3000:]
     # Both ranks stopped after the same step k: the save is a collective, so a rank that went
     # on would have left the other waiting (the hang this test caught once). Rank 1 exits
     # 143; torchrun then sends rank 0, done and on its way out, a SIGTERM of its own.
-    (k,) = {int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", logs["one"])}
-    assert 1 <= k < STEPS and (tmp_path / "one" / f"step_{k:08d}").is_dir(), logs["one"][-3000:]
-    assert re.search(r"rank *: 1 .*\n *exitcode *: 143", logs["one"]), logs["one"][-3000:]
-    assert max(_losses(tmp_path / "one")) == k
+    (k,) = {int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", text)}
+    assert 1 <= k < STEPS and (job.out / f"step_{k:08d}").is_dir(), text[-3000:]
+    assert re.search(r"rank *: 1 .*\n *exitcode *: 143", text), text[-3000:]
+    assert max(_losses(job.out)) == k
+
+
+@pytest.mark.slow(reason="shares the torchrun jobs above")
+def test_a_silent_peer_makes_the_other_rank_exit_within_the_timeout(cluster):
+    jobs, fired = cluster
+    job = jobs["stall"]
+    text = job.text()
+    assert fired["stall"], text[-3000:]  # rank 1 stopped, then rank 0 exited
+    waited = job.rank0_gone - job.stopped_at
+    # Rank 0 waited in a collective for the stopped rank 1 and gave up after the timeout
+    # (plus the poll and a loaded machine's slack), not before.
+    assert 0.8 * STALL_TIMEOUT <= waited <= STALL_TIMEOUT + 30, waited
+    (line,) = [l for l in text.splitlines() if "lost contact" in l]
+    step = int(re.search(r"error: rank 0 lost contact with the other ranks in step (\d+) ",
+                         line).group(1))
+    assert 2 <= step <= STEPS, line
+    assert "torchrun --max-restarts" in line
+    assert job.returncodes != [0]
 
 
 def _losses_or_empty(run):
