@@ -127,6 +127,9 @@ def stopped(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stopped")
     runs = {name: Run("stage1", tmp / name, _args(tmp / name, "--save-every", 5))
             for name in ("SIGINT", "SIGTERM", "SIGUSR1")}
+    for sig in ("SIGTERM", "SIGUSR1"):  # with data-loader workers (forked after arm())
+        name = f"workers-{sig}"
+        runs[name] = Run("stage1", tmp / name, _args(tmp / name, "--save-every", 5, *WORKERS))
     # Steps of 8 micro-batches: the second SIGINT lands while the first step is still running
     # (two SIGINTs sent back to back would merge into one pending signal).
     runs["twice"] = Run("stage1", tmp / "twice", _args(tmp / "twice", "--global-batch-size", 64,
@@ -136,6 +139,8 @@ def stopped(tmp_path_factory):
     try:
         _signal_after_first_step(runs, {"SIGINT": [signal.SIGINT], "SIGTERM": [signal.SIGTERM],
                                         "SIGUSR1": [signal.SIGUSR1],
+                                        "workers-SIGTERM": [signal.SIGTERM],
+                                        "workers-SIGUSR1": [signal.SIGUSR1],
                                         "twice": [signal.SIGINT, "SIGINT: finishing this step",
                                                   signal.SIGINT]})
     finally:
@@ -143,12 +148,18 @@ def stopped(tmp_path_factory):
     return runs
 
 
-@pytest.mark.slow(reason="starts 5 training processes (~1 min on 2 shared cores)")
-@pytest.mark.parametrize("name,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 138)])
+WORKERS = ("--num-workers", 2)
+
+
+@pytest.mark.slow(reason="starts 7 training processes (~1.5 min on 2 shared cores)")
+@pytest.mark.parametrize("name,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 138),
+                                       ("workers-SIGTERM", 143), ("workers-SIGUSR1", 138)])
 def test_signal_finishes_the_step_saves_and_the_resume_is_bit_identical(stopped, reference,
                                                                         name, code):
     run = stopped[name]
     text = run.output()
+    workers = WORKERS if name.startswith("workers") else ()  # the resume takes them too
+    name = name.split("-")[-1]
     assert run.proc.returncode == code, text[-2000:]
     saved = sorted(p.name for p in run.out.glob("step_*"))
     assert len(saved) >= 1, text[-2000:]
@@ -160,7 +171,9 @@ def test_signal_finishes_the_step_saves_and_the_resume_is_bit_identical(stopped,
         command.endswith(f"--resume {run.out / saved[-1]}"), command
     assert max(_losses(run.out)) == stop  # the stop step was the last one trained and logged
 
-    stage1.main(_args(run.out, "--save-every", 5, resume="auto"))
+    stage1.main(_args(run.out, "--save-every", 5, *workers, resume="auto"))
+    # the reference read its samples without workers: the stream is the same with them,
+    # from the start and from the stop's position
     assert _same_weights(run.out / f"step_{STEPS:08d}", reference / f"step_{STEPS:08d}")
     assert _losses(run.out) == _losses(reference)  # every step once, the same losses
 
@@ -303,6 +316,10 @@ def test_dit_sigusr1_saves_and_the_resume_is_bit_identical_ema_included(tmp_path
         capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
 
 
+STALL_TIMEOUT = 8  # --dist-timeout of the job whose rank 1 is stopped
+TORCHRUN_STEPS = 6  # --max-steps of the torchrun jobs (the stopped one runs STEPS)
+
+
 def _free_port():
     with socket.socket() as s:  # the kernel picks a free one; a race with another binder is
         s.bind(("127.0.0.1", 0))  # possible but unlikely within the second it takes
@@ -315,9 +332,9 @@ class Job:
     (``--standalone``), or ``nodes``: two agents on this machine as two nodes of one process
     each (c10d on 127.0.0.1). No environment variable beyond the thread count."""
 
-    def __init__(self, out, kind="static", *extra, steps=6, restarts=0, script="stage1",
-                 args=None):
-        self.out, self.log = Path(out), Path(str(out) + ".log")
+    def __init__(self, out, kind="static", *extra, steps=TORCHRUN_STEPS, restarts=0, script="stage1",
+                 args=None, launcher=(), log=None):
+        self.out, self.log = Path(out), Path(log or str(out) + ".log")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         port = _free_port()
         nodes = {"static": [["--nproc-per-node", "2", "--master-port", str(port)]],
@@ -330,7 +347,7 @@ class Job:
                          resume="auto")
         log = open(self.log, "w")
         self.agents = [subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *node, "--max-restarts",
+            [sys.executable, "-m", "torch.distributed.run", *node, *launcher, "--max-restarts",
              str(restarts), str(ROOT / "train" / f"{script}.py"), *args, *map(str, extra)],
             stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT) for node in nodes]
 
@@ -394,7 +411,8 @@ def _drive(jobs: dict, triggers: dict, timeout=420):
 def cluster(tmp_path_factory):
     """torchrun jobs started together: a reference; ranks SIGKILLed from outside at several
     moments under static and c10d rendezvous and on two nodes (one restart each); SIGTERM to
-    one rank; a rank stopped (SIGSTOP) under a 8-second --dist-timeout."""
+    one rank of an FSDP2 job and SIGUSR1 to torchrun running train/dit.py (each with its
+    reference, then resumed); a rank stopped (SIGSTOP) under a 8-second --dist-timeout."""
     tmp = tmp_path_factory.mktemp("cluster")
     jobs = {"full": Job(tmp / "full", "c10d"),
             # a step's forward/backward/all-reduce: after step 3 was logged, ckpt 2 the newest
@@ -405,7 +423,14 @@ def cluster(tmp_path_factory):
             "static-setup": Job(tmp / "static-setup", "static", restarts=1),
             # the worker of node 1 after step 4 was logged: both nodes restart
             "nodes": Job(tmp / "nodes", "nodes", restarts=1),
-            "one": Job(tmp / "one", "static", steps=STEPS),
+            # SIGTERM to one rank of an FSDP2 job; then the job resumed
+            "one": Job(tmp / "one", "static", "--parallel", "fsdp"),
+            "fsdp-full": Job(tmp / "fsdp-full", "c10d", "--parallel", "fsdp"),
+            # SIGUSR1 to torchrun itself (SLURM's warning), forwarded to train/dit.py's ranks
+            "dit": Job(tmp / "dit", "static", script="dit", args=_dit_args(tmp / "dit"),
+                       launcher=["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]),
+            "dit-full": Job(tmp / "dit-full", "c10d", script="dit",
+                            args=_dit_args(tmp / "dit-full")),
             "stall": Job(tmp / "stall", "static", "--dist-timeout", STALL_TIMEOUT, steps=STEPS)}
     kill = lambda rank: lambda job: job.signal(rank, signal.SIGKILL)
     jobs["stall"].stopped_at = None
@@ -421,19 +446,33 @@ def cluster(tmp_path_factory):
             "static-setup": [(lambda j: "fresh start" in j.text(), kill(0))],
             "nodes": [(lambda j: j.logged() >= 4, kill(1))],
             "one": [(lambda j: j.logged() >= 1, lambda j: j.signal(1, signal.SIGTERM))],
+            "dit": [(lambda j: j.logged() >= 1,
+                     lambda j: j.agents[0].send_signal(signal.SIGUSR1))],
             "stall": [(lambda j: j.logged() >= 1, stall),
                       (lambda j: j.worker(0) is None,
                        lambda j: setattr(j, "rank0_gone", time.time()))]})
+        # the stopped FSDP and DiT jobs, resumed by the same commands
+        more = {"one-resumed": Job(tmp / "one", "static", "--parallel", "fsdp",
+                                   log=tmp / "one-resumed.log"),
+                "dit-resumed": Job(tmp / "dit", "static", script="dit",
+                                   args=_dit_args(tmp / "dit"), log=tmp / "dit-resumed.log")}
+        jobs.update(more)
+        _drive(more, {})
     finally:
         for job in jobs.values():
             job.stop()
     return jobs, fired
 
 
-STALL_TIMEOUT = 8
+def _dit_args(out):
+    return ["--smoke", "--no-kernels", "--max-steps", str(TORCHRUN_STEPS), "--log-every", "1",
+            "--save-every", "100", "--sample-every", "100000", "--device", "cpu",
+            "--out-dir", str(out), "--resume", "auto"]
 
 
-@pytest.mark.slow(reason="seven torchrun jobs of 2 gloo ranks, four restarted (~2 min)")
+
+
+@pytest.mark.slow(reason="eleven torchrun jobs of 2 gloo ranks, four restarted (~3 min)")
 @pytest.mark.parametrize("name", ["static-step", "c10d-save", "static-setup", "nodes"])
 def test_a_rank_killed_from_outside_restarts_under_torchrun_and_ends_bit_identical(cluster,
                                                                                    name):
@@ -446,16 +485,17 @@ def test_a_rank_killed_from_outside_restarts_under_torchrun_and_ends_bit_identic
     starts = re.findall(r"(fresh start|resumed from \S+ at step \d+)", text)
     assert len(starts) == 2, starts  # the killed attempt and the restarted one
     assert "Connection refused" not in text and "connectFullMesh" not in text
-    assert _same_weights(job.out / "step_00000006", full.out / "step_00000006")
+    final = f"step_{TORCHRUN_STEPS:08d}"
+    assert _same_weights(job.out / final, full.out / final)
     steps = [r["step"] for r in _rows(job.out) if "train/loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]  # each step logged once
+    assert steps == list(range(1, TORCHRUN_STEPS + 1))  # each step logged once
     assert _losses(job.out) == _losses(full.out)
     if name == "nodes":  # ranks 0 and 1 on two agents: one process each
         assert text.count("fresh start") + text.count("resumed from") == 2
 
 
 @pytest.mark.slow(reason="shares the torchrun jobs above")
-def test_a_signal_to_one_rank_stops_both_after_the_same_step(cluster):
+def test_fsdp_a_signal_to_one_rank_stops_both_after_the_same_step_and_resumes_exactly(cluster):
     jobs, fired = cluster
     job = jobs["one"]
     text = job.text()
@@ -464,9 +504,33 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step(cluster):
     # on would have left the other waiting (the hang this test caught once). Rank 1 exits
     # 143; torchrun then sends rank 0, done and on its way out, a SIGTERM of its own.
     (k,) = {int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", text)}
-    assert 1 <= k < STEPS and (job.out / f"step_{k:08d}").is_dir(), text[-3000:]
+    assert 1 <= k < TORCHRUN_STEPS, text[-3000:]
     assert re.search(r"rank *: 1 .*\n *exitcode *: 143", text), text[-3000:]
-    assert max(_losses(job.out)) == k
+    resumed, full = jobs["one-resumed"], jobs["fsdp-full"]
+    assert resumed.returncodes == [0] and full.returncodes == [0], resumed.text()[-3000:]
+    # the checkpoint of step k was whole: the same command resumed from it
+    assert f"resumed from {job.out / f'step_{k:08d}'} at step {k}" in resumed.text()
+    final = f"step_{TORCHRUN_STEPS:08d}"
+    assert _same_weights(job.out / final, full.out / final)  # FSDP's gathered weights
+    assert _losses(job.out) == _losses(full.out)
+
+
+@pytest.mark.slow(reason="shares the torchrun jobs above")
+def test_dit_under_torchrun_sigusr1_saves_and_resumes_bit_identical_ema_included(cluster):
+    jobs, fired = cluster
+    job, resumed, full = jobs["dit"], jobs["dit-resumed"], jobs["dit-full"]
+    text = job.text()
+    assert fired["dit"], text[-3000:]
+    (k,) = {int(m) for m in re.findall(r"stopped by SIGUSR1 after step (\d+)", text)}
+    assert 1 <= k < TORCHRUN_STEPS, text[-3000:]
+    # torchrun forwards the signal to its workers, waits for them (they save) and exits 1
+    assert job.returncodes == [1] and f"got signal: {int(signal.SIGUSR1)}" in text
+    assert resumed.returncodes == [0] and full.returncodes == [0], resumed.text()[-3000:]
+    assert f"resumed from {job.out / f'step_{k:08d}'} at step {k}" in resumed.text()
+    final = f"step_{TORCHRUN_STEPS:08d}"
+    for sub in ("", "ema"):
+        assert _same_weights(job.out / final / sub, full.out / final / sub), sub
+    assert _losses(job.out) == _losses(full.out)
 
 
 @pytest.mark.slow(reason="shares the torchrun jobs above")
