@@ -316,7 +316,7 @@ def test_dit_sigusr1_saves_and_the_resume_is_bit_identical_ema_included(tmp_path
         capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
 
 
-STALL_TIMEOUT = 8  # --dist-timeout of the job whose rank 1 is stopped
+STALL_TIMEOUT = 20  # --dist-timeout of the job whose rank 1 is stopped
 TORCHRUN_STEPS = 6  # --max-steps of the torchrun jobs (the stopped one runs STEPS)
 
 
@@ -412,7 +412,7 @@ def cluster(tmp_path_factory):
     """torchrun jobs started together: a reference; ranks SIGKILLed from outside at several
     moments under static and c10d rendezvous and on two nodes (one restart each); SIGTERM to
     one rank of an FSDP2 job and SIGUSR1 to torchrun running train/dit.py (each with its
-    reference, then resumed); a rank stopped (SIGSTOP) under a 8-second --dist-timeout."""
+    reference, then resumed); a rank stopped (SIGSTOP) under a 20-second --dist-timeout."""
     tmp = tmp_path_factory.mktemp("cluster")
     jobs = {"full": Job(tmp / "full", "c10d"),
             # a step's forward/backward/all-reduce: after step 3 was logged, ckpt 2 the newest
