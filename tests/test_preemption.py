@@ -591,3 +591,34 @@ def test_resume_auto_with_no_readable_checkpoint_stops_instead_of_starting_over(
     with pytest.raises(CheckpointError, match="no checkpoint in .* reads .*--resume ''"):
         load_resume("auto", tmp_path, log=logged.append)
     assert load_resume("", tmp_path) == (None, None)
+
+
+def test_a_restarted_attempt_ignores_the_dead_attempts_store_announcement(monkeypatch):
+    """torchrun's store still holds the announcement of a dead attempt's rank 0 (a port where
+    nothing listens any more); rank 1 of the new attempt, started before the new rank 0,
+    must wait for the new announcement instead of using the old one."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+
+    from vitok_fast import distributed as D
+
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    dead = _free_port()  # nothing listens there: the dead attempt's rank 0 is gone
+    agent.set(D._ATTEMPT_KEY, f"127.0.0.1:{dead}:{'0' * 32}")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # workers are its clients
+    timeout = datetime.timedelta(seconds=30)
+    stores = {}
+    rank1 = threading.Thread(target=lambda: stores.update({1: D.attempt_store(1, 2, timeout)}))
+    rank1.start()
+    time.sleep(0.5)  # rank 1 has read the stale announcement by now, and retries
+    assert 1 not in stores
+    stores[0] = D.attempt_store(0, 2, timeout)
+    rank1.join(timeout=30)
+    assert stores[1].port == stores[0].port != dead
+    stores[0].set("hello", "from rank 0")  # one store: what rank 0 writes, rank 1 reads
+    assert stores[1].get("hello") == b"from rank 0"
+    assert agent.get(D._ATTEMPT_KEY).decode().split(":")[1] == str(stores[0].port)

@@ -101,9 +101,10 @@ def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.TC
         shared.set(_ATTEMPT_KEY, f"{me}:{store.port}:{token}")
         return store
     while True:
-        me, port_s, token = shared.get(_ATTEMPT_KEY).decode().rsplit(":", 2)
-        store = _connect(me, int(port_s), world, timeout, deadline)
-        if store is not None and store.get("token").decode() == token:
+        host0, port0, token = shared.get(_ATTEMPT_KEY).decode().rsplit(":", 2)
+        store = _connect(host0, int(port0), world, timeout)
+        # check() does not wait: a stranger's store that took over a dead port says no
+        if store is not None and store.check(["token"]) and store.get("token").decode() == token:
             return store
         if time.monotonic() > deadline:
             raise dist.DistStoreError(
@@ -112,10 +113,11 @@ def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.TC
         time.sleep(0.1)
 
 
-def _connect(host: str, port: int, world: int, timeout, deadline: float):
-    """A client of the store at ``host:port``, or None if nothing listens there (yet)."""
+def _connect(host: str, port: int, world: int, timeout):
+    """A client of the store at ``host:port``, or None if nothing listens there (a dead
+    attempt's rank 0; a node that is gone does not answer within a few seconds)."""
     try:
-        socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())).close()
+        socket.create_connection((host, port), timeout=5).close()
     except OSError:
         return None
     return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
@@ -131,7 +133,7 @@ def peer_failure(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
         key in text for key in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed",
-                                "Timed out", "timed out", "TCPStore"))
+                                "Timed out", "TCPStore"))
 
 
 def cleanup() -> None:
