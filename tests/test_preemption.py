@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -395,6 +396,29 @@ class Job:
                 agent.wait()
 
 
+def _kill_while_saving(job, rank):
+    """SIGKILL the worker of ``rank`` as soon as a checkpoint's hidden temporary directory
+    appears. A save takes milliseconds, which the main poll could miss: a thread polls the
+    run directory every half millisecond instead, with the pid looked up beforehand."""
+    job.killed_saving = False
+
+    def watch():
+        pid = None
+        while not job.done():
+            if pid is None:
+                pid = job.worker(rank)
+                time.sleep(0.05)
+                continue
+            names = os.listdir(job.out) if job.out.is_dir() else []
+            if any(n.startswith(".step_") for n in names):
+                os.kill(pid, signal.SIGKILL)
+                job.killed_saving = True
+                return
+            time.sleep(0.0005)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _drive(jobs: dict, triggers: dict, timeout=420):
     """Poll the jobs; a trigger is a list of (condition(job), action(job)) pairs, each
     fired once and in order. Returns when every job has ended (or at the deadline)."""
@@ -433,6 +457,7 @@ def cluster(tmp_path_factory):
                             args=_dit_args(tmp / "dit-full")),
             "stall": Job(tmp / "stall", "static", "--dist-timeout", STALL_TIMEOUT, steps=STEPS)}
     kill = lambda rank: lambda job: job.signal(rank, signal.SIGKILL)
+    _kill_while_saving(jobs["c10d-save"], 0)
     jobs["stall"].stopped_at = None
 
     def stall(job):
@@ -442,7 +467,7 @@ def cluster(tmp_path_factory):
     try:
         fired = _drive(jobs, {
             "static-step": [(lambda j: j.logged() >= 3, kill(1))],
-            "c10d-save": [(lambda j: any(j.out.glob(".step_*.tmp")), kill(0))],
+            "c10d-save": [(lambda j: j.killed_saving, lambda j: None)],
             "static-setup": [(lambda j: "fresh start" in j.text(), kill(0))],
             "nodes": [(lambda j: j.logged() >= 4, kill(1))],
             "one": [(lambda j: j.logged() >= 1, lambda j: j.signal(1, signal.SIGTERM))],
@@ -598,7 +623,6 @@ def test_a_restarted_attempt_ignores_the_dead_attempts_store_announcement(monkey
     nothing listens any more); rank 1 of the new attempt, started before the new rank 0,
     must wait for the new announcement instead of using the old one."""
     import datetime
-    import threading
 
     import torch.distributed as dist
 
