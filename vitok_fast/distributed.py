@@ -81,9 +81,9 @@ def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.TC
     "we create a new TCPStore for every retry", which the static rendezvous of ``torchrun
     --master_port`` and the shared store of ``--rdzv-backend c10d`` do not). Restarted gloo ranks
     then read the dead attempt's peer addresses ("Gloo connectFullMesh failed ... Connection
-    refused"), or wait forever on keys the dead attempt had already consumed. Seen with torch
-    2.14.1; the workaround uses only ``TCPStore`` and ``init_process_group(store=...)``, which
-    every torch this package supports has. Prefixing the keys by ``TORCHELASTIC_RESTART_COUNT``
+    refused"), or wait forever on keys the dead attempt had already consumed. Seen and tested
+    with torch 2.14.1; the workaround uses only ``TCPStore`` and
+    ``init_process_group(store=...)``, public in every torch this package supports (>= 2.4). Prefixing the keys by ``TORCHELASTIC_RESTART_COUNT``
     would not do: on several nodes the agents count restarts each for itself.
 
     A stale announcement names the dead attempt's rank 0, whose server is gone (torchrun stops
