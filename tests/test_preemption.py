@@ -12,8 +12,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +128,9 @@ def stopped(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stopped")
     runs = {name: Run("stage1", tmp / name, _args(tmp / name, "--save-every", 5))
             for name in ("SIGINT", "SIGTERM", "SIGUSR1")}
+    for sig in ("SIGTERM", "SIGUSR1"):  # with data-loader workers (forked after arm())
+        name = f"workers-{sig}"
+        runs[name] = Run("stage1", tmp / name, _args(tmp / name, "--save-every", 5, *WORKERS))
     # Steps of 8 micro-batches: the second SIGINT lands while the first step is still running
     # (two SIGINTs sent back to back would merge into one pending signal).
     runs["twice"] = Run("stage1", tmp / "twice", _args(tmp / "twice", "--global-batch-size", 64,
@@ -135,6 +140,8 @@ def stopped(tmp_path_factory):
     try:
         _signal_after_first_step(runs, {"SIGINT": [signal.SIGINT], "SIGTERM": [signal.SIGTERM],
                                         "SIGUSR1": [signal.SIGUSR1],
+                                        "workers-SIGTERM": [signal.SIGTERM],
+                                        "workers-SIGUSR1": [signal.SIGUSR1],
                                         "twice": [signal.SIGINT, "SIGINT: finishing this step",
                                                   signal.SIGINT]})
     finally:
@@ -142,12 +149,18 @@ def stopped(tmp_path_factory):
     return runs
 
 
-@pytest.mark.slow(reason="starts 5 training processes (~1 min on 2 shared cores)")
-@pytest.mark.parametrize("name,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 138)])
+WORKERS = ("--num-workers", 2)
+
+
+@pytest.mark.slow(reason="starts 7 training processes (~1.5 min on 2 shared cores)")
+@pytest.mark.parametrize("name,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 138),
+                                       ("workers-SIGTERM", 143), ("workers-SIGUSR1", 138)])
 def test_signal_finishes_the_step_saves_and_the_resume_is_bit_identical(stopped, reference,
                                                                         name, code):
     run = stopped[name]
     text = run.output()
+    workers = WORKERS if name.startswith("workers") else ()  # the resume takes them too
+    name = name.split("-")[-1]
     assert run.proc.returncode == code, text[-2000:]
     saved = sorted(p.name for p in run.out.glob("step_*"))
     assert len(saved) >= 1, text[-2000:]
@@ -159,7 +172,9 @@ def test_signal_finishes_the_step_saves_and_the_resume_is_bit_identical(stopped,
         command.endswith(f"--resume {run.out / saved[-1]}"), command
     assert max(_losses(run.out)) == stop  # the stop step was the last one trained and logged
 
-    stage1.main(_args(run.out, "--save-every", 5, resume="auto"))
+    stage1.main(_args(run.out, "--save-every", 5, *workers, resume="auto"))
+    # the reference read its samples without workers: the stream is the same with them,
+    # from the start and from the stop's position
     assert _same_weights(run.out / f"step_{STEPS:08d}", reference / f"step_{STEPS:08d}")
     assert _losses(run.out) == _losses(reference)  # every step once, the same losses
 
@@ -302,64 +317,264 @@ def test_dit_sigusr1_saves_and_the_resume_is_bit_identical_ema_included(tmp_path
         capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
 
 
-def _torchrun(out, *launcher, steps=6, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc-per-node", "2", *launcher, str(ROOT / "train" / "stage1.py"),
-           *_args(out, "--max-steps", steps, "--save-every", 2, "--device", "cpu", resume="auto")]
-    log = open(str(out) + ".log", "w")
-    # The shared rendezvous store hands restarted gloo ranks stale peer addresses (see
-    # docs/training.md); torchrun's own switch turns the sharing off.
-    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+STALL_TIMEOUT = 20  # --dist-timeout of the job whose rank 1 is stopped
+TORCHRUN_STEPS = 6  # --max-steps of the torchrun jobs (the stopped one runs STEPS)
 
 
-def _worker_pid(launcher_pid, rank):
-    """The pid of torchrun's worker of ``rank`` (from /proc: its RANK variable)."""
-    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
-        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in environ:
-            return int(child)
-    return None
+def _free_port():
+    with socket.socket() as s:  # the kernel picks a free one; a race with another binder is
+        s.bind(("127.0.0.1", 0))  # possible but unlikely within the second it takes
+        return s.getsockname()[1]
 
 
-@pytest.mark.slow(reason="three torchrun jobs of 2 gloo ranks, one restarted (~1 min)")
-def test_torchrun_lost_rank_restarts_exactly_and_a_signal_to_one_rank_stops_both(tmp_path):
-    full = _torchrun(tmp_path / "full")
-    # Rank 1 dies (SIGKILL) right after step 3; the checkpoint of step 2 is the newest.
-    cut = _torchrun(tmp_path / "cut", "--max-restarts", "1", env={"VITOK_FAULT_KILL": "step:3:1"})
-    # SIGTERM to rank 1 alone, as a scheduler might deliver it: rank 0 must stop too.
-    one = _torchrun(tmp_path / "one", steps=STEPS)
-    deadline = time.time() + 300
+class Job:
+    """A torchrun job of 2 gloo ranks of stage 1 (``--resume auto``) in the background:
+    ``static`` rendezvous (``--master_port``, what most users type), ``c10d``
+    (``--standalone``), or ``nodes``: two agents on this machine as two nodes of one process
+    each (c10d on 127.0.0.1). No environment variable beyond the thread count."""
+
+    def __init__(self, out, kind="static", *extra, steps=TORCHRUN_STEPS, restarts=0, script="stage1",
+                 args=None, launcher=(), log=None):
+        self.out, self.log = Path(out), Path(log or str(out) + ".log")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        nodes = {"static": [["--nproc-per-node", "2", "--master-port", str(port)]],
+                 "c10d": [["--standalone", "--nproc-per-node", "2"]],
+                 "nodes": [["--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1",
+                            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                            "--rdzv-id", self.out.name] for n in (0, 1)]}[kind]
+        if args is None:
+            args = _args(out, "--max-steps", steps, "--save-every", 2, "--device", "cpu",
+                         resume="auto")
+        log = open(self.log, "w")
+        self.agents = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *node, *launcher, "--max-restarts",
+             str(restarts), str(ROOT / "train" / f"{script}.py"), *args, *map(str, extra)],
+            stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT) for node in nodes]
+
+    def worker(self, rank):
+        """The pid of the worker of ``rank`` (from /proc: its RANK variable), or None."""
+        for agent in self.agents:
+            try:
+                children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text()
+                for child in children.split():
+                    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                    if f"RANK={rank}".encode() in environ:
+                        return int(child)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return None
+
+    def signal(self, rank, sig):
+        pid = self.worker(rank)
+        if pid is not None:
+            os.kill(pid, sig)
+        return pid is not None
+
+    def done(self):
+        return all(a.poll() is not None for a in self.agents)
+
+    @property
+    def returncodes(self):
+        return [a.returncode for a in self.agents]
+
+    def text(self):
+        return self.log.read_text().replace("\r", "\n")
+
+    def logged(self):
+        return max(_losses_or_empty(self.out), default=0)
+
+    def stop(self):
+        """Kill what is left (a SIGSTOPped worker, a job past the deadline)."""
+        for rank in (0, 1):
+            self.signal(rank, signal.SIGKILL)
+        for agent in self.agents:
+            try:
+                agent.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+
+
+def _kill_while_saving(job, rank):
+    """SIGKILL the worker of ``rank`` as soon as a checkpoint's hidden temporary directory
+    appears. A save takes milliseconds, which the main poll could miss: a thread polls the
+    run directory every half millisecond instead, with the pid looked up beforehand."""
+    job.killed_saving = False
+
+    def watch():
+        pid = None
+        while not job.done():
+            if pid is None:
+                pid = job.worker(rank)
+                time.sleep(0.05)
+                continue
+            names = os.listdir(job.out) if job.out.is_dir() else []
+            if any(n.startswith(".step_") for n in names):
+                os.kill(pid, signal.SIGKILL)
+                job.killed_saving = True
+                return
+            time.sleep(0.0005)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _drive(jobs: dict, triggers: dict, timeout=420):
+    """Poll the jobs; a trigger is a list of (condition(job), action(job)) pairs, each
+    fired once and in order. Returns when every job has ended (or at the deadline)."""
+    pending, deadline = {k: list(v) for k, v in triggers.items()}, time.time() + timeout
+    while time.time() < deadline and not all(j.done() for j in jobs.values()):
+        for name, todo in pending.items():
+            if todo and todo[0][0](jobs[name]) and todo[0][1](jobs[name]) is not False:
+                todo.pop(0)
+        time.sleep(0.02)
+    return {name: not todo for name, todo in pending.items()}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """torchrun jobs started together: a reference; ranks SIGKILLed from outside at several
+    moments under static and c10d rendezvous and on two nodes (one restart each); SIGTERM to
+    one rank of an FSDP2 job and SIGUSR1 to torchrun running train/dit.py (each with its
+    reference, then resumed); a rank stopped (SIGSTOP) under a 20-second --dist-timeout."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    jobs = {"full": Job(tmp / "full", "c10d"),
+            # a step's forward/backward/all-reduce: after step 3 was logged, ckpt 2 the newest
+            "static-step": Job(tmp / "static-step", "static", restarts=1),
+            # rank 0 while it writes a checkpoint (a hidden .step_*.tmp directory exists)
+            "c10d-save": Job(tmp / "c10d-save", "c10d", restarts=1),
+            # set-up and the first batches: rank 0 printed its start line, no step logged yet
+            "static-setup": Job(tmp / "static-setup", "static", restarts=1),
+            # the worker of node 1 after step 4 was logged: both nodes restart
+            "nodes": Job(tmp / "nodes", "nodes", restarts=1),
+            # SIGTERM to one rank of an FSDP2 job; then the job resumed
+            "one": Job(tmp / "one", "static", "--parallel", "fsdp"),
+            "fsdp-full": Job(tmp / "fsdp-full", "c10d", "--parallel", "fsdp"),
+            # SIGUSR1 to torchrun itself (SLURM's warning), forwarded to train/dit.py's ranks
+            "dit": Job(tmp / "dit", "static", script="dit", args=_dit_args(tmp / "dit"),
+                       launcher=["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]),
+            "dit-full": Job(tmp / "dit-full", "c10d", script="dit",
+                            args=_dit_args(tmp / "dit-full")),
+            "stall": Job(tmp / "stall", "static", "--dist-timeout", STALL_TIMEOUT, steps=STEPS)}
+    kill = lambda rank: lambda job: job.signal(rank, signal.SIGKILL)
+    _kill_while_saving(jobs["c10d-save"], 0)
+    jobs["stall"].stopped_at = None
+
+    def stall(job):
+        job.stopped_at = time.time()
+        return job.signal(1, signal.SIGSTOP)
+
     try:
-        while time.time() < deadline and one.poll() is None:
-            if _losses_or_empty(tmp_path / "one") and (pid := _worker_pid(one.pid, 1)):
-                os.kill(pid, signal.SIGTERM)
-                break
-            time.sleep(0.02)
-        for job in (full, cut, one):
-            job.wait(timeout=max(10, deadline - time.time()))
-    finally:  # a hung job: torchrun forwards SIGTERM, then SIGKILLs its workers after 30 s
-        for job in (full, cut, one):
-            if job.poll() is None:
-                job.terminate()
-                job.wait(timeout=60)
-    logs = {name: (tmp_path / f"{name}.log").read_text().replace("\r", "\n")
-            for name in ("full", "cut", "one")}
-    assert full.returncode == 0, logs["full"][-3000:]
-    assert cut.returncode == 0, logs["cut"][-3000:]
-    assert (tmp_path / "cut" / ".fault-step-3-rank1").exists()  # the fault did happen
-    assert f"resumed from {tmp_path / 'cut' / 'step_00000002'} at step 2" in logs["cut"]
-    assert _same_weights(tmp_path / "cut" / "step_00000006", tmp_path / "full" / "step_00000006")
-    steps = [r["step"] for r in _rows(tmp_path / "cut") if "train/loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]  # step 3, logged before the kill, is not doubled
+        fired = _drive(jobs, {
+            "static-step": [(lambda j: j.logged() >= 3, kill(1))],
+            "c10d-save": [(lambda j: j.killed_saving, lambda j: None)],
+            "static-setup": [(lambda j: "fresh start" in j.text(), kill(0))],
+            "nodes": [(lambda j: j.logged() >= 4, kill(1))],
+            "one": [(lambda j: j.logged() >= 1, lambda j: j.signal(1, signal.SIGTERM))],
+            "dit": [(lambda j: j.logged() >= 1,
+                     lambda j: j.agents[0].send_signal(signal.SIGUSR1))],
+            "stall": [(lambda j: j.logged() >= 1, stall),
+                      (lambda j: j.worker(0) is None,
+                       lambda j: setattr(j, "rank0_gone", time.time()))]})
+        # the stopped FSDP and DiT jobs, resumed by the same commands
+        more = {"one-resumed": Job(tmp / "one", "static", "--parallel", "fsdp",
+                                   log=tmp / "one-resumed.log"),
+                "dit-resumed": Job(tmp / "dit", "static", script="dit",
+                                   args=_dit_args(tmp / "dit"), log=tmp / "dit-resumed.log")}
+        jobs.update(more)
+        _drive(more, {})
+    finally:
+        for job in jobs.values():
+            job.stop()
+    return jobs, fired
 
+
+def _dit_args(out):
+    return ["--smoke", "--no-kernels", "--max-steps", str(TORCHRUN_STEPS), "--log-every", "1",
+            "--save-every", "100", "--sample-every", "100000", "--device", "cpu",
+            "--out-dir", str(out), "--resume", "auto"]
+
+
+
+
+@pytest.mark.slow(reason="eleven torchrun jobs of 2 gloo ranks, four restarted (~3 min)")
+@pytest.mark.parametrize("name", ["static-step", "c10d-save", "static-setup", "nodes"])
+def test_a_rank_killed_from_outside_restarts_under_torchrun_and_ends_bit_identical(cluster,
+                                                                                   name):
+    jobs, fired = cluster
+    job, full = jobs[name], jobs["full"]
+    text = job.text()
+    assert fired[name], text[-3000:]  # the kill was sent
+    assert full.returncodes == [0], full.text()[-3000:]
+    assert job.returncodes == [0] * len(job.agents), text[-3000:]
+    starts = re.findall(r"(fresh start|resumed from \S+ at step \d+)", text)
+    assert len(starts) == 2, starts  # the killed attempt and the restarted one
+    assert "Connection refused" not in text and "connectFullMesh" not in text
+    final = f"step_{TORCHRUN_STEPS:08d}"
+    assert _same_weights(job.out / final, full.out / final)
+    steps = [r["step"] for r in _rows(job.out) if "train/loss" in r]
+    assert steps == list(range(1, TORCHRUN_STEPS + 1))  # each step logged once
+    assert _losses(job.out) == _losses(full.out)
+    if name == "nodes":  # ranks 0 and 1 on two agents: one process each
+        assert text.count("fresh start") + text.count("resumed from") == 2
+
+
+@pytest.mark.slow(reason="shares the torchrun jobs above")
+def test_fsdp_a_signal_to_one_rank_stops_both_after_the_same_step_and_resumes_exactly(cluster):
+    jobs, fired = cluster
+    job = jobs["one"]
+    text = job.text()
+    assert fired["one"], text[-3000:]
     # Both ranks stopped after the same step k: the save is a collective, so a rank that went
     # on would have left the other waiting (the hang this test caught once). Rank 1 exits
     # 143; torchrun then sends rank 0, done and on its way out, a SIGTERM of its own.
-    (k,) = {int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", logs["one"])}
-    assert 1 <= k < STEPS and (tmp_path / "one" / f"step_{k:08d}").is_dir(), logs["one"][-3000:]
-    assert re.search(r"rank *: 1 .*\n *exitcode *: 143", logs["one"]), logs["one"][-3000:]
-    assert max(_losses(tmp_path / "one")) == k
+    (k,) = {int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", text)}
+    assert 1 <= k < TORCHRUN_STEPS, text[-3000:]
+    assert re.search(r"rank *: 1 .*\n *exitcode *: 143", text), text[-3000:]
+    resumed, full = jobs["one-resumed"], jobs["fsdp-full"]
+    assert resumed.returncodes == [0] and full.returncodes == [0], resumed.text()[-3000:]
+    # the checkpoint of step k was whole: the same command resumed from it
+    assert f"resumed from {job.out / f'step_{k:08d}'} at step {k}" in resumed.text()
+    final = f"step_{TORCHRUN_STEPS:08d}"
+    assert _same_weights(job.out / final, full.out / final)  # FSDP's gathered weights
+    assert _losses(job.out) == _losses(full.out)
+
+
+@pytest.mark.slow(reason="shares the torchrun jobs above")
+def test_dit_under_torchrun_sigusr1_saves_and_resumes_bit_identical_ema_included(cluster):
+    jobs, fired = cluster
+    job, resumed, full = jobs["dit"], jobs["dit-resumed"], jobs["dit-full"]
+    text = job.text()
+    assert fired["dit"], text[-3000:]
+    (k,) = {int(m) for m in re.findall(r"stopped by SIGUSR1 after step (\d+)", text)}
+    assert 1 <= k < TORCHRUN_STEPS, text[-3000:]
+    # torchrun forwards the signal to its workers, waits for them (they save) and exits 1
+    assert job.returncodes == [1] and f"got signal: {int(signal.SIGUSR1)}" in text
+    assert resumed.returncodes == [0] and full.returncodes == [0], resumed.text()[-3000:]
+    assert f"resumed from {job.out / f'step_{k:08d}'} at step {k}" in resumed.text()
+    final = f"step_{TORCHRUN_STEPS:08d}"
+    for sub in ("", "ema"):
+        assert _same_weights(job.out / final / sub, full.out / final / sub), sub
+    assert _losses(job.out) == _losses(full.out)
+
+
+@pytest.mark.slow(reason="shares the torchrun jobs above")
+def test_a_silent_peer_makes_the_other_rank_exit_within_the_timeout(cluster):
+    jobs, fired = cluster
+    job = jobs["stall"]
+    text = job.text()
+    assert fired["stall"], text[-3000:]  # rank 1 stopped, then rank 0 exited
+    waited = job.rank0_gone - job.stopped_at
+    # Rank 0 waited in a collective for the stopped rank 1 and gave up after the timeout
+    # (plus the poll and a loaded machine's slack), not before.
+    print(f"rank 0 exited {waited:.1f} s after rank 1 was stopped")
+    assert 0.8 * STALL_TIMEOUT <= waited <= STALL_TIMEOUT + 30, waited
+    (line,) = [l for l in text.splitlines() if "lost contact" in l]
+    step = int(re.search(r"error: rank 0 lost contact with the other ranks in step (\d+) ",
+                         line).group(1))
+    assert 2 <= step <= STEPS, line
+    assert "torchrun --max-restarts" in line
+    assert job.returncodes != [0]
 
 
 def _losses_or_empty(run):
@@ -401,3 +616,33 @@ def test_resume_auto_with_no_readable_checkpoint_stops_instead_of_starting_over(
     with pytest.raises(CheckpointError, match="no checkpoint in .* reads .*--resume ''"):
         load_resume("auto", tmp_path, log=logged.append)
     assert load_resume("", tmp_path) == (None, None)
+
+
+def test_a_restarted_attempt_ignores_the_dead_attempts_store_announcement(monkeypatch):
+    """torchrun's store still holds the announcement of a dead attempt's rank 0 (a port where
+    nothing listens any more); rank 1 of the new attempt, started before the new rank 0,
+    must wait for the new announcement instead of using the old one."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from vitok_fast import distributed as D
+
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    dead = _free_port()  # nothing listens there: the dead attempt's rank 0 is gone
+    agent.set(D._ATTEMPT_KEY, f"127.0.0.1:{dead}:{'0' * 32}")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # workers are its clients
+    timeout = datetime.timedelta(seconds=30)
+    stores = {}
+    rank1 = threading.Thread(target=lambda: stores.update({1: D.attempt_store(1, 2, timeout)}))
+    rank1.start()
+    time.sleep(0.5)  # rank 1 has read the stale announcement by now, and retries
+    assert 1 not in stores
+    stores[0] = D.attempt_store(0, 2, timeout)
+    rank1.join(timeout=30)
+    assert stores[1].port == stores[0].port != dead
+    stores[0].set("hello", "from rank 0")  # one store: what rank 0 writes, rank 1 reads
+    assert stores[1].get("hello") == b"from rank 0"
+    assert agent.get(D._ATTEMPT_KEY).decode().split(":")[1] == str(stores[0].port)

@@ -28,7 +28,7 @@ from vitok_fast.dit import LATENT_FILE, DiT, DiTConfig, Diffusion, LatentNorm  #
 from vitok_fast.fileio import atomic_write
 from vitok_fast.latents import load_latent_set
 from vitok_fast.run import TrainingRun
-from vitok_fast.training import (EMA, StopOnSignal, add_run_args, build_optimizer,
+from vitok_fast.training import (EMA, StopOnSignal, add_dist_timeout, add_run_args, build_optimizer,
                                  clip_grad_norm, cosine_schedule, noise_seed)
 
 
@@ -78,6 +78,7 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     cli.add_no_kernels(g)
     cli.add_device(g, later=True)
+    add_dist_timeout(g)
     g = add_run_args(p, "dit-<model>", save_every=5000)
     g.add_argument("--sample-every", type=cli.positive_int, default=5000, help="sample grid from the EMA")
     g.add_argument("--sample-steps", type=cli.positive_int, default=50, help="DDIM steps of the grids")

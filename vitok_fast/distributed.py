@@ -2,7 +2,10 @@
 
 ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; ``setup()`` reads them, picks NCCL on GPUs
 and gloo on CPUs, and returns who we are. A plain ``python train/stage1.py`` is a world of
-one with no process group. ``wrap_model`` applies DDP or FSDP2; ``sync_gradients`` skips the
+one with no process group. Every rendezvous and collective waits at most ``timeout_s``
+(``--dist-timeout``); under torchrun each attempt of a job (the first start and every
+``--max-restarts`` restart) builds its process group on a store of its own
+(:func:`attempt_store`), so that a restart never meets the dead attempt's keys. ``wrap_model`` applies DDP or FSDP2; ``sync_gradients`` skips the
 all-reduce on all but the last micro-batch of a step. ``rank_world`` and ``strided_shard``
 split an evaluation's items over the ranks (evaluate, latent statistics).
 """
@@ -13,6 +16,9 @@ import contextlib
 import datetime
 import itertools
 import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +42,13 @@ class Dist:
         return self.world > 1
 
 
-def setup(device: str | None = None) -> Dist:
-    """Join the process group if launched by torchrun; choose the device for this rank."""
+DEFAULT_TIMEOUT_S = 600  # --dist-timeout: a step plus a checkpoint save fit in it many times
+
+
+def setup(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
+    """Join the process group if launched by torchrun (or with RANK, WORLD_SIZE, MASTER_ADDR
+    and MASTER_PORT set by hand); choose the device for this rank. The rendezvous and every
+    collective give up after ``timeout_s`` seconds."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
@@ -47,9 +58,82 @@ def setup(device: str | None = None) -> Dist:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend, store=attempt_store(rank, world, timeout),
+                                    rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return Dist(rank, local_rank, world, dev)
+
+
+_ATTEMPT_KEY = "vitok_fast/attempt_store"
+
+
+def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """A TCPStore that only this attempt's workers know: rank 0 hosts it on a free port and
+    announces ``host:port:token`` under one key of torchrun's store; the others wait for an
+    announcement whose server answers with the same token.
+
+    Why: torchrun keeps one store for the whole job and hands it to every attempt, and since
+    torch 2.4 the workers' keys are no longer prefixed by attempt (``TORCHELASTIC_USE_AGENT_STORE``:
+    "we create a new TCPStore for every retry", which the static rendezvous of ``torchrun
+    --master_port`` and the shared store of ``--rdzv-backend c10d`` do not). Restarted gloo ranks
+    then read the dead attempt's peer addresses ("Gloo connectFullMesh failed ... Connection
+    refused"), or wait forever on keys the dead attempt had already consumed. Seen and tested
+    with torch 2.14.1; the workaround uses only ``TCPStore`` and
+    ``init_process_group(store=...)``, public in every torch this package supports (>= 2.4). Prefixing the keys by ``TORCHELASTIC_RESTART_COUNT``
+    would not do: on several nodes the agents count restarts each for itself.
+
+    A stale announcement names the dead attempt's rank 0, whose server is gone (torchrun stops
+    every worker of an attempt before it starts the next), so it is simply read again."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    shared, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        with socket.create_connection((host, port), timeout=timeout.total_seconds()) as s:
+            me = s.getsockname()[0]  # the address the other nodes reach this one by
+        token = uuid.uuid4().hex
+        store = dist.TCPStore(me, 0, world, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        store.set("token", token)
+        shared.set(_ATTEMPT_KEY, f"{me}:{store.port}:{token}")
+        return store
+    while True:
+        host0, port0, token = shared.get(_ATTEMPT_KEY).decode().rsplit(":", 2)
+        store = _connect(host0, int(port0), world, timeout)
+        # check() does not wait: a stranger's store that took over a dead port says no
+        if store is not None and store.check(["token"]) and store.get("token").decode() == token:
+            return store
+        if time.monotonic() > deadline:
+            raise dist.DistStoreError(
+                f"rank {rank}: no rank 0 of this attempt announced its store on "
+                f"{host}:{port} within {timeout.total_seconds():.0f} s (--dist-timeout)")
+        time.sleep(0.1)
+
+
+def _connect(host: str, port: int, world: int, timeout):
+    """A client of the store at ``host:port``, or None if nothing listens there (a dead
+    attempt's rank 0; a node that is gone does not answer within a few seconds)."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError:
+        return None
+    return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says another rank is gone or silent (a collective or the store timed
+    out, a connection closed), as opposed to a bug or a bad input on this rank."""
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return False
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        key in text for key in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed",
+                                "Timed out", "TCPStore"))
 
 
 def cleanup() -> None:

@@ -29,6 +29,8 @@ def read_image(path: Path) -> np.ndarray:
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read {path} as an image ({e})") from None
+    except Exception as e:  # noqa: BLE001 -- a decoder's own failure: this file is unreadable
+        raise ValueError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from e
 
 
 def read_video(path: Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
@@ -48,6 +50,10 @@ def read_video(path: Path, max_frames: int | None = None) -> tuple[np.ndarray, f
                     break
     except (av.error.FFmpegError, IndexError) as e:
         raise ValueError(f"cannot read {path} as a video ({e})") from None
+    except Exception as e:  # noqa: BLE001 -- a decoder's own failure (a corrupt file can make
+        # PyAV raise UnicodeDecodeError on its metadata, or anything mid-stream): this file
+        # is unreadable, the others of a batch are not
+        raise ValueError(f"cannot read {path} as a video ({type(e).__name__}: {e})") from e
     if not frames:
         raise ValueError(f"{path} holds no video frames")
     return np.stack(frames), fps

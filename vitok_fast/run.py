@@ -50,7 +50,7 @@ class TrainingRun:
 
     def __init__(self, args, stop: StopOnSignal):
         self.args, self.stop = args, stop
-        self.dist = D.setup(args.device)
+        self.dist = D.setup(args.device, args.dist_timeout)
         self.device, self.main = self.dist.device, self.dist.is_main
         self.dtype = autocast_dtype(args, self.device)
         self.out_dir = Path(args.out_dir)
@@ -99,6 +99,7 @@ class TrainingRun:
                              start_batches=step * self.accum, num_workers=self.args.num_workers,
                              pin_memory=self.device.type == "cuda")
         self.stop.arm()
+        self.stop.step = step  # from here a lost peer is named with its step
         return iter(loader)
 
     def begin(self, step: int, desc: str, message: str, macs_per_sample: int,
@@ -118,6 +119,7 @@ class TrainingRun:
     def tick(self, step: int) -> None:
         """Count the finished ``step`` (the fault-test hook, throughput, the bar)."""
         kill_point("step", step, self.out_dir)  # test hook: a rank lost mid-run
+        self.stop.step = step
         self.throughput.tick(self.args.global_batch_size)
         self.logger.step()
 

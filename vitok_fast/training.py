@@ -93,6 +93,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallel: DDP (a full model per GPU) or FSDP (sharded)")
     cli.add_device(g, later=True)
+    add_dist_timeout(g)
     g = add_run_args(p, "<stage>-<model>", save_every=2000)
     g.add_argument("--eval-every", type=cli.positive_int, default=1000,
                    help="steps between held-out PSNR and sample grids")
@@ -119,6 +120,15 @@ def add_run_args(p: argparse.ArgumentParser, name: str, save_every: int):
     g.add_argument("--log-every", type=cli.positive_int, default=10,
                    help="steps between log lines")
     return g
+
+
+def add_dist_timeout(group) -> None:
+    """``--dist-timeout``, which every training script takes (docs/training.md)."""
+    group.add_argument("--dist-timeout", type=cli.positive_float, default=D.DEFAULT_TIMEOUT_S,
+                       help="seconds a rank waits for the others (the rendezvous, each "
+                       "collective) before it exits non-zero, naming the step, so that torchrun "
+                       "or the scheduler restarts the job instead of it hanging; must cover rank "
+                       "0's checkpoint writes and sample grids")
 
 
 # [ours] The paper's lr rule gives 3e-6 at batch 8, far too low for a model this small.
@@ -280,6 +290,7 @@ class StopOnSignal:
 
     def __init__(self):
         self.signum: int | None = None  # the first signal this process got
+        self.step: int | None = None  # the last step finished (TrainingRun.tick), for errors
         self.stopped_by: int | None = None  # the signal every rank agreed to stop on
         self.interrupts = 0
         self._previous = {}
@@ -293,10 +304,27 @@ class StopOnSignal:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if exc is not None and D.peer_failure(exc):
+            self.lost_peer(exc)
+
+    def lost_peer(self, exc: BaseException) -> None:
+        """Another rank died or went silent (a collective or the rendezvous ran past
+        ``--dist-timeout``, a connection closed): one line naming this rank and the step,
+        then exit 1 at once, without waiting on the process group, so that ``torchrun
+        --max-restarts`` restarts the job (from the last checkpoint) or the scheduler
+        requeues it. No checkpoint: the step cannot finish without its peers."""
+        where = f"in step {self.step + 1}" if self.step is not None else "during set-up"
+        reason = cli.first_sentence(exc, 200)
+        sys.stdout.flush()
+        print(f"\nerror: rank {os.environ.get('RANK', '0')} lost contact with the other ranks "
+              f"{where} ({type(exc).__name__}: {reason}); exiting so that torchrun "
+              f"--max-restarts or the scheduler can restart the job from the last checkpoint",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # the process group's clean-up could wait on the silent peer
 
     def _handle(self, signum, frame) -> None:
         # os.write, not print: the handler may interrupt a print on the same stream, and a
