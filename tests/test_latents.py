@@ -329,7 +329,8 @@ def test_latent_stats_user_errors_are_one_line(ckpt, flat, tmp_path):
                           "--data", str(flat), "--out", str(tmp_path)], capture_output=True,
                          text=True, env={**os.environ, "VITOK_DEBUG": "0"})
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.startswith("error: --out expects a JSON file path")
+    assert run.stderr.startswith("error: argument --out: expected an output file")
+    assert "which is a directory" in run.stderr and run.stderr.count("\n") == 1
 
 
 def test_evaluation_split_of_tar_shards_over_ranks_loses_and_doubles_nothing(tmp_path):
