@@ -20,9 +20,8 @@ three paths:
 Attention (``F.scaled_dot_product_attention``) is one fused op in every path, as PyTorch's
 flash / cuDNN kernels run it. Per op: FLOPs (matmul-like ops, counted by the formulas of
 torch.utils.flop_counter, the ``vitok::`` ops' own registered ones included, so the totals
-are bench/flops.py's), bytes read + written (the
-minimum: every input read once, every output written once; views move nothing), and the
-predicted time ``max(FLOPs / peak, bytes / bandwidth)``. Everything is bf16, batch
+are bench/flops.py's), bytes read + written (the minimum: every input read once, every
+output written once; views move nothing), and the predicted time ``max(FLOPs / peak, bytes / bandwidth)``. Everything is bf16, batch
 ``--batch``, and reported per input (one image, or one clip).
 
 The anchors (defaults, change them with the flags):
