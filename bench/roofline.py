@@ -10,16 +10,18 @@ traced op by op on the meta device (no memory, no arithmetic) with a TorchDispat
 three paths:
 
 * ``eager``: the model's reference path (``use_kernels=False``), every aten op on its own;
-* ``fused``: the kernel path, where each of our fused ops (rms_norm, add_rms_norm, swiglu,
-  rope_3d, tubelet_embed, tubelet_unembed) counts as one op, forward and backward;
+* ``fused``: the kernel path (``use_kernels=True``), where each of our fused ops is the one
+  ``torch.ops.vitok.*`` custom op it is (kernels/*.py); on the meta device it runs its fake
+  implementation, so the trace sees it, forward and each backward op, as one op with its real
+  inputs and outputs: whatever ``vitok::`` ops the model calls, no list kept here;
 * ``sd_vae``: diffusers' AutoencoderKL with the Stable Diffusion VAE configuration
   (vitok_fast.flops.SD_VAE_CONFIG, random weights), eager, frame by frame for clips.
 
 Attention (``F.scaled_dot_product_attention``) is one fused op in every path, as PyTorch's
 flash / cuDNN kernels run it. Per op: FLOPs (matmul-like ops, counted by the formulas of
-torch.utils.flop_counter, so the totals are bench/flops.py's), bytes read + written (the
-minimum: every input read once, every output written once; views move nothing), and the
-predicted time ``max(FLOPs / peak, bytes / bandwidth)``. Everything is bf16, batch
+torch.utils.flop_counter, the ``vitok::`` ops' own registered ones included, so the totals
+are bench/flops.py's), bytes read + written (the minimum: every input read once, every
+output written once; views move nothing), and the predicted time ``max(FLOPs / peak, bytes / bandwidth)``. Everything is bf16, batch
 ``--batch``, and reported per input (one image, or one clip).
 
 The anchors (defaults, change them with the flags):
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import vitok_fast.kernels  # noqa: F401  registers the vitok:: ops and their FLOP formulas
 from vitok_fast.cli import UserError, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +65,7 @@ ANCHORS = {
 # Dense BF16 tensor-core peak (TFLOP/s) and HBM bandwidth (TB/s), from NVIDIA's datasheets
 # (H100 SXM5: 989.4, 3.35; H200 SXM: the same compute, HBM3e 4.8).
 GPUS = {"h100": (989.4, 3.35), "h200": (989.4, 4.8)}
-FUSED_OPS = ("rms_norm", "add_rms_norm", "swiglu_packed", "rope_3d_qk", "tubelet_embed",
-             "tubelet_unembed")
-_FLOPS = FlopCounterMode(display=False).flop_registry
+_FLOPS = FlopCounterMode(display=False).flop_registry  # a copy, made after vitok_fast.kernels registered
 # ops that move no data (allocation, views that are not flagged as views)
 _NO_DATA = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
             torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default,
@@ -95,7 +97,8 @@ def _shape(ts) -> str:
 
 
 class Trace(TorchDispatchMode):
-    """Records every aten op as ``(name, flops, bytes)``; inside :meth:`region` the ops add
+    """Records every aten op, and every ``vitok::`` custom op (a fused kernel, whose fake
+    implementation runs on meta unseen), as ``(name, flops, bytes)``; inside :meth:`region` the ops add
     their FLOPs to one op that stands for a fused kernel, whose bytes are the region's own
     inputs and outputs."""
 
@@ -116,7 +119,7 @@ class Trace(TorchDispatchMode):
             self._region["flops"] += flops
             return out
         ins, outs = _tensors(list(args) + list(kwargs.values())), _tensors(out)
-        self.ops.append({"op": str(packet).replace("aten.", "aten."), "shape": _shape(ins),
+        self.ops.append({"op": str(packet), "shape": _shape(ins),
                          "flops": flops, "bytes": sum(map(_nbytes, ins)) + sum(map(_nbytes, outs))})
         return out
 
@@ -196,17 +199,11 @@ def _fused_function(trace: Trace, name: str, ref):
 
 
 @contextlib.contextmanager
-def _patched(trace: Trace, fused: bool, any_attention: bool = False):
-    """Attention as one op in every path; our fused ops as one op each in the fused path.
-    ``any_attention``: masked and causal calls too (the peers' attention, flash-style)."""
-    from vitok_fast import kernels as K
-    from vitok_fast import ops
-
-    saved = {"sdpa": F.scaled_dot_product_attention}
-    sdpa = saved["sdpa"]
-
+def _patched(trace: Trace, any_attention: bool = False):
+    """Attention as one op in every path. ``any_attention``: masked and causal calls too (the
+    peers' attention, flash-style)."""
+    sdpa = F.scaled_dot_product_attention
     fused_sdpa = _fused_function(trace, "attention", lambda q, k, v, scale: sdpa(q, k, v, scale=scale))
-
     masked_sdpa = _fused_function(trace, "attention", lambda q, k, v, mask, causal, scale: sdpa(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale))
 
@@ -217,23 +214,11 @@ def _patched(trace: Trace, fused: bool, any_attention: bool = False):
             raise NotImplementedError("roofline models unmasked attention without dropout")
         return fused_sdpa(q, k, v, scale)
 
-    refs = {"rms_norm": lambda x, w, eps, use: K.rms_norm_ref(x, w, eps),
-            "add_rms_norm": lambda x, r, w, eps, use: K.add_rms_norm_ref(x, r, w, eps),
-            "swiglu_packed": lambda gu, use: K.swiglu_packed_ref(gu),
-            "rope_3d_qk": lambda q, k, c, s, use: K.rope_3d_qk_ref(q, k, c, s),
-            "tubelet_embed": lambda x, w, b, q, p, use: K.tubelet_embed_ref(x, w, b, q, p),
-            "tubelet_unembed": lambda h, w, b, q, p, T, H, W, use: K.tubelet_unembed_ref(h, w, b, q, p, T, H, W)}
     F.scaled_dot_product_attention = attention
-    if fused:
-        for name in FUSED_OPS:
-            saved[name] = getattr(ops, name)
-            setattr(ops, name, _fused_function(trace, f"fused.{name}", refs[name]))
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = saved.pop("sdpa")
-        for name, fn in saved.items():
-            setattr(ops, name, fn)
+        F.scaled_dot_product_attention = sdpa
 
 
 def _input(config, batch, resolution, frames):
@@ -244,11 +229,11 @@ def _input(config, batch, resolution, frames):
 def trace_vitok(config, batch, resolution, frames, fused: bool, train: bool) -> list[dict]:
     from vitok_fast.model import ViTok
 
-    with torch.device("meta"):
-        model = ViTok(config).to(torch.bfloat16)
+    with torch.device("meta"):  # fused: the kernel path, its vitok:: ops' fake impls on meta
+        model = ViTok(dataclasses.replace(config, use_kernels=fused)).to(torch.bfloat16)
     x = _input(config, batch, resolution, frames)
     trace = Trace()
-    with _patched(trace, fused), trace:
+    with _patched(trace), trace:
         if train:
             x.requires_grad_(False)
             recon, posterior = model(x, sample=True)
@@ -269,7 +254,7 @@ def trace_sd_vae(batch, resolution, frames) -> list[dict]:
         vae = AutoencoderKL(**SD_VAE_CONFIG).to(torch.bfloat16)
     x = torch.empty(batch * frames, 3, resolution, resolution, device="meta", dtype=torch.bfloat16)
     trace = Trace()
-    with _patched(trace, False), trace, torch.no_grad():
+    with _patched(trace), trace, torch.no_grad():
         vae.decode(vae.encode(x).latent_dist.mode()).sample
     return trace.ops
 
@@ -279,7 +264,7 @@ def trace_peer(peers, peer, batch, resolution, frames) -> list[dict]:
     model = peers.build(peer, dtype=torch.bfloat16)
     x = peers.make_input(peer, resolution, frames, batch, dtype=torch.bfloat16)
     trace = Trace()
-    with _patched(trace, False, any_attention=True), trace, torch.no_grad(), torch.device("meta"):
+    with _patched(trace, any_attention=True), trace, torch.no_grad(), torch.device("meta"):
         peers.decode(peer, model, peers.encode(peer, model, x))
     return trace.ops
 

@@ -24,7 +24,7 @@ def check_device(*tensors: torch.Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError(MISSING_MESSAGE)
     for t in tensors:
-        if not (t.is_cuda or interpreted(t)):
+        if not (t.is_cuda or interpreted(t) or t.is_meta):  # meta: the fake impls, shapes only
             raise RuntimeError(
                 f"the Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; "
                 f"got a tensor on {t.device} (use the *_ref functions, or use_kernels=False)")
@@ -71,7 +71,7 @@ def autocast_inputs(*tensors):
     of the reference path, instead of silently in fp32.
     """
     device = next(t.device.type for t in tensors if t is not None)
-    if not torch.is_autocast_enabled(device):
+    if device == "meta" or not torch.is_autocast_enabled(device):  # meta has no autocast
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

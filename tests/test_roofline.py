@@ -1,14 +1,19 @@
 """bench/roofline.py: a model whose FLOPs are bench/flops.py's, whose fused path counts our
-kernels as single ops, and whose predictions follow from its anchors."""
+kernels (the vitok:: ops the model calls) as single ops, and whose predictions follow from its anchors."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+from collections import Counter
+
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vitok_fast.config import ViTokConfig
 from vitok_fast.flops import count_sd_vae, count_vitok
+from vitok_fast.model import ViTok
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("roofline", ROOT / "bench" / "roofline.py")
@@ -33,20 +38,68 @@ def test_flops_agree_with_bench_flops_within_one_percent(sb16):
 
 
 def test_fused_path_counts_each_kernel_as_one_op_and_moves_fewer_bytes(sb16):
-    fused_ops = {o["op"]: o for o in sb16["paths"]["fused"]["train_step"]["ops"]}
+    fused_ops = {o["op"] for o in sb16["paths"]["fused"]["train_step"]["ops"]}
     eager_ops = {o["op"] for o in sb16["paths"]["eager"]["train_step"]["ops"]}
-    for name in roofline.FUSED_OPS:
-        assert f"fused.{name}" in fused_ops and f"fused.{name}.backward" in fused_ops
-        assert f"fused.{name}" not in eager_ops
+    for name in ("rms_norm", "add_rms_norm", "swiglu_packed", "rope_3d_qk", "tubelet_embed",
+                 "tubelet_unembed", "rms_norm_backward", "swiglu_packed_backward"):
+        assert f"vitok.{name}" in fused_ops, name
+    assert not any(op.startswith("vitok.") for op in eager_ops)
     # S-B/16: 18 blocks, each with two add_rms_norm calls but the first block's first norm
     # (plain rms_norm), plus the two final norms: 35 add_rms_norm and 1 + 2 rms_norm
     calls = lambda n: sum(o["calls"] for o in sb16["paths"]["fused"]["train_step"]["ops"] if o["op"] == n)
-    assert calls("fused.add_rms_norm") == 2 * 18 - 2 + 2 and calls("fused.rms_norm") == 2
-    assert calls("fused.swiglu_packed") == 18 and calls("attention") == 18
+    assert calls("vitok.add_rms_norm") == 2 * 18 - 2 + 2 and calls("vitok.rms_norm") == 2
+    assert calls("vitok.rms_norm_backward") == 38  # every norm's backward is one kernel
+    assert calls("vitok.swiglu_packed") == 18 and calls("attention") == 18
     for what in ("encode_decode", "train_step"):
         eager, fused = sb16["paths"]["eager"][what]["bytes"], sb16["paths"]["fused"][what]["bytes"]
         assert fused < 0.7 * eager, what
         assert sb16["totals"]["hbm_bytes_saved_by_fusion"][what] == pytest.approx(eager - fused)
+
+
+class _VitokCalls(TorchDispatchMode):
+    """The vitok:: ops a run calls, counted independently of the roofline's Trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "vitok":
+            self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.library.custom_op("vitok::roofline_test_swiglu", mutates_args=())
+def _probe(gate_up: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("only its fake implementation runs, on meta")
+
+
+@_probe.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+def test_fused_trace_takes_its_ops_from_the_model(monkeypatch):
+    config = ViTokConfig.from_name("S-B/16")
+    with torch.device("meta"):
+        model = ViTok(config).to(torch.bfloat16)
+    seen = _VitokCalls()
+    with seen:
+        model.decode(model.encode(torch.empty(2, 3, 64, 64, device="meta", dtype=torch.bfloat16)).mode())
+    traced = Counter()
+    for op in roofline.trace_vitok(config, 2, 64, 1, fused=True, train=False):
+        if op["op"].startswith("vitok."):
+            traced[op["op"]] += 1
+    assert traced == seen.calls and len(traced) >= 5
+    # a new fused op is one op of the trace, bytes its inputs + outputs, with no list to edit
+    from vitok_fast import ops
+    monkeypatch.setattr(ops, "swiglu_packed", lambda gu, use: torch.ops.vitok.roofline_test_swiglu(gu))
+    trace = roofline.trace_vitok(config, 2, 64, 1, fused=True, train=False)
+    probes = [op for op in trace if op["op"] == "vitok.roofline_test_swiglu"]
+    assert len(probes) == 18 and not any(op["op"] == "vitok.swiglu_packed" for op in trace)
+    # 2 images x 16 tokens, reading (.., 2h) and writing (.., h) in bf16 (h = 2048 both sides)
+    assert config.encoder_mlp_hidden == config.decoder_mlp_hidden == 2048
+    assert all(op["bytes"] == 2 * 16 * 3 * 2048 * 2 and op["flops"] == 0 for op in probes)
 
 
 def test_prediction_is_the_roofline_of_each_op(sb16):

@@ -6,7 +6,9 @@ otherwise the plain-PyTorch reference does. The reference path is what every ker
 checked against. Where Triton is not installed at all, ``use_kernels=True`` means the
 reference, and the first op to fall back says so in one warning per process. The fused ops
 are ``torch.ops.vitok.*`` custom ops (kernels/*.py), so the choice made here is all that
-torch.compile and torch.export see of it: one op node, or the reference's ATen ops.
+torch.compile and torch.export see of it: one op node, or the reference's ATen ops. On the
+meta device (shape-only runs: bench/roofline.py) the kernel path runs those ops' fake
+implementations.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fused(use_kernels: bool, t: torch.Tensor) -> bool:
+    """On the meta device (shape-only runs) the kernel path is its custom ops' fake
+    implementations, so a trace sees each fused op as the one ``vitok::`` op it is."""
     if use_kernels and not K.HAS_TRITON:
         _no_triton_warning()
         return False
-    return use_kernels and t.dtype in _KERNEL_DTYPES and triton_can_run(t)
+    return use_kernels and t.dtype in _KERNEL_DTYPES and (triton_can_run(t) or t.is_meta)
 
 
 def rms_norm(x, weight, eps, use_kernels):
