@@ -32,11 +32,13 @@ from typing import Callable
 
 def lazy_exports(module: str, exports: dict[str, str]) -> Callable[[str], object]:
     """A command module's PEP 562 ``__getattr__``: names it re-exports from the library (where
-    they used to live) are imported on first use, so that its ``--help`` imports no torch."""
+    they used to live) are imported on first use, so that its ``--help`` imports no torch.
+    ``exports`` maps a name to its library module, or to ``"module:name"`` where it differs."""
 
     def __getattr__(name: str):
         if name in exports:
-            return getattr(importlib.import_module(exports[name]), name)
+            module, _, attr = exports[name].partition(":")
+            return getattr(importlib.import_module(module), attr or name)
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
