@@ -163,12 +163,15 @@ class LatentItems(torch.utils.data.Dataset):
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)  # before torch is imported: --help and option errors need none
+    from vitok_fast.training import StopOnSignal
+
     with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
-        return train(argv, stop)
+        return train(argv, stop, args)
 
 
-def train(argv, stop: StopOnSignal) -> dict:
-    args = parse_args(argv)
+def train(argv, stop: "StopOnSignal", args=None) -> dict:
+    args = parse_args(argv) if args is None else args
     run = TrainingRun(args, stop)  # process group, device, dtype, out_dir, accumulation steps
     dist, device, main_rank = run.dist, run.device, run.main
     out_dir, accum, guard = run.out_dir, run.accum, run.guard

@@ -85,12 +85,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)  # before torch is imported: --help and option errors need none
+    from vitok_fast.training import StopOnSignal
+
     with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
-        return train(argv, stop)
+        return train(argv, stop, args)
 
 
-def train(argv, stop: StopOnSignal) -> dict:
-    args = parse_args(argv)
+def train(argv, stop: "StopOnSignal", args=None) -> dict:
+    args = parse_args(argv) if args is None else args
     run = TrainingRun(args, stop)  # process group, device, dtype, out_dir, accumulation steps
     dist, device, main_rank, dtype = run.dist, run.device, run.main, run.dtype
     out_dir, accum, guard = run.out_dir, run.accum, run.guard
