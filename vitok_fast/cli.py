@@ -37,8 +37,8 @@ def lazy_exports(module: str, exports: dict[str, str]) -> Callable[[str], object
 
     def __getattr__(name: str):
         if name in exports:
-            module, _, attr = exports[name].partition(":")
-            return getattr(importlib.import_module(module), attr or name)
+            source, _, attr = exports[name].partition(":")
+            return getattr(importlib.import_module(source), attr or name)
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
