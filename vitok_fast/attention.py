@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vitok_fast.options import ATTENTION_BACKENDS, DEFAULT_ATTENTION_BACKEND
+from vitok_fast.defaults import ATTENTION_BACKENDS, DEFAULT_ATTENTION_BACKEND
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""The training scripts' command-line options (train/stage1.py, stage2.py, dit.py), and the
-constants their choices and defaults come from: torch-free, so that a script's ``--help`` and
-its argument errors import no torch (vitok_fast/training.py re-exports them, where they were).
+"""The training scripts' command-line options (train/stage1.py, stage2.py, dit.py): torch-free,
+so that a script's ``--help`` and its argument errors import no torch (vitok_fast/training.py
+re-exports them, where they were; their choices and defaults come from vitok_fast/defaults.py).
 """
 
 from __future__ import annotations
@@ -9,12 +9,7 @@ import argparse
 import os
 
 from vitok_fast import cli
-
-# vitok_fast.attention's backends (it takes them from here) and vitok_fast.distributed's
-# default collective timeout
-ATTENTION_BACKENDS = ("sdpa", "auto", "flash", "cudnn", "efficient", "math", "fa4")
-DEFAULT_ATTENTION_BACKEND = "sdpa"
-DEFAULT_DIST_TIMEOUT_S = 600  # --dist-timeout: a step plus a checkpoint save fit in it many times
+from vitok_fast.defaults import ATTENTION_BACKENDS, DEFAULT_ATTENTION_BACKEND, DEFAULT_DIST_TIMEOUT_S
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
