@@ -14,6 +14,10 @@ The model knows nothing of DDP, compile or checkpoints: they are applied here, f
 from vitok_fast import cli
 from vitok_fast.options import add_common_args, finalize_args
 
+# the library functions a test patches here; each imports torch only when first called
+save_checkpoint = cli.lazy_function("vitok_fast.checkpoint", "save_checkpoint")
+reconstruction_loss = cli.lazy_function("vitok_fast.losses", "reconstruction_loss")
+
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,8 +42,6 @@ def train(argv, stop: "StopOnSignal", args=None) -> dict:
 
     from vitok_fast import ViTok, ViTokConfig
     from vitok_fast import distributed as D
-    from vitok_fast.checkpoint import save_checkpoint
-    from vitok_fast.losses import reconstruction_loss
     from vitok_fast.run import TrainingRun
     from vitok_fast.training import (build_lpips, build_optimizer, check_resume_model,
                                      clip_grad_norm, cosine_schedule, evaluate, image_data,

@@ -17,6 +17,9 @@ from pathlib import Path
 from vitok_fast import cli
 from vitok_fast.options import add_common_args, finalize_args
 
+# the library function a test patches here; it imports torch only when first called
+save_checkpoint = cli.lazy_function("vitok_fast.checkpoint", "save_checkpoint")
+
 
 def _init_dir(text: str) -> str:
     """``--ckpt``: an existing stage-1 checkpoint or run directory ('auto' is --resume's)."""
@@ -90,7 +93,7 @@ def train(argv, stop: "StopOnSignal", args=None) -> dict:
 
     from vitok_fast import ViTok
     from vitok_fast import distributed as D
-    from vitok_fast.checkpoint import resolve_checkpoint, save_checkpoint
+    from vitok_fast.checkpoint import resolve_checkpoint
     from vitok_fast.discriminator import Discriminator
     from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
                                    reconstruction_loss)

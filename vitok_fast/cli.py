@@ -44,6 +44,18 @@ def lazy_exports(module: str, exports: dict[str, str]) -> Callable[[str], object
     return __getattr__
 
 
+def lazy_function(module: str, name: str) -> Callable:
+    """``module.name``, imported on the first call: a script's module-level name for a library
+    function that stays a seam (a test may patch it) without importing torch with the script."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{module}.{name}, imported on the first call."
+    return call
+
+
 def no_grad(fn: Callable) -> Callable:
     """``@torch.no_grad()`` for a command module's functions, importing torch on the first call
     rather than when the module is (its ``--help`` imports no torch)."""
