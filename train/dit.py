@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vitok_fast import cli
 from vitok_fast.cli import UserError
-from vitok_fast.options import add_dist_timeout, add_run_args, run_script
+from vitok_fast.options import add_dist_timeout, add_run_args
 
 
 # [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
@@ -146,7 +146,11 @@ def smoke_latents(out: Path, seed: int) -> tuple[Path, Path]:
 
 
 def main(argv=None) -> dict:
-    return run_script(parse_args, train, argv)  # parsed before torch loads; stops on a signal
+    args = parse_args(argv)  # before torch is imported: --help and option errors need none
+    from vitok_fast.training import StopOnSignal
+
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
+        return train(argv, stop, args)
 
 
 def train(argv, stop: "StopOnSignal", args=None) -> dict:

@@ -12,7 +12,7 @@ The model knows nothing of DDP, compile or checkpoints: they are applied here, f
 
 
 from vitok_fast import cli
-from vitok_fast.options import add_common_args, finalize_args, run_script
+from vitok_fast.options import add_common_args, finalize_args
 
 # the library functions a test patches here; each imports torch only when first called
 save_checkpoint = cli.lazy_function("vitok_fast.checkpoint", "save_checkpoint")
@@ -28,7 +28,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    return run_script(parse_args, train, argv)  # parsed before torch loads; stops on a signal
+    args = parse_args(argv)  # before torch is imported: --help and option errors need none
+    from vitok_fast.training import StopOnSignal
+
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
+        return train(argv, stop, args)
 
 
 def train(argv, stop: "StopOnSignal", args=None) -> dict:

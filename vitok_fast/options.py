@@ -152,15 +152,3 @@ def finalize_args(args, parser, stage: str) -> argparse.Namespace:
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{stage}-{args.model.replace('/', '_')}")
     return args
-
-
-def run_script(parse_args, train, argv=None):
-    """A training script's ``main``: its options parsed first (so that ``--help`` and option
-    errors import no torch), then ``train(argv, stop, args)`` under
-    :class:`vitok_fast.training.StopOnSignal` (SIGINT/SIGTERM/SIGUSR1: finish the step, save,
-    exit)."""
-    args = parse_args(argv)
-    from vitok_fast.training import StopOnSignal
-
-    with StopOnSignal() as stop:
-        return train(argv, stop, args)
