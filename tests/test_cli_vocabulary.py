@@ -39,9 +39,10 @@ SYNONYMS = {
 # Options that must come from cli.add_<name> wherever they appear: one help text, one set of values.
 SHARED = {"--lpips-vgg": "lpips-vgg", "--inception": "inception", "--device": "device",
           "--no-kernels": "no-kernels"}
-# --help must not import these (torch itself may load): heavy, and not needed to print options.
-HEAVY = ("lpips", "torchvision", "matplotlib", "diffusers", "av", "scipy", "torch._dynamo",
-         "torch_fidelity", "sklearn", "skimage")
+# --help must not import these: heavy, and not needed to print options (torch alone costs
+# about 2 s of start-up; the commands import it after parsing).
+HEAVY = ("torch", "triton", "lpips", "torchvision", "matplotlib", "diffusers", "av", "scipy",
+         "torch._dynamo", "torch_fidelity", "sklearn", "skimage")
 
 
 def _script(module: str) -> str | None:

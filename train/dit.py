@@ -18,18 +18,9 @@ scripts share (vitok_fast/run.py).
 import json
 from pathlib import Path
 
-import torch
-
 from vitok_fast import cli
-from vitok_fast import distributed as D
-from vitok_fast.checkpoint import save_checkpoint
 from vitok_fast.cli import UserError
-from vitok_fast.dit import LATENT_FILE, DiT, DiTConfig, Diffusion, LatentNorm  # <run>/latents.json
-from vitok_fast.fileio import atomic_write
-from vitok_fast.latents import load_latent_set
-from vitok_fast.run import TrainingRun
-from vitok_fast.training import (EMA, StopOnSignal, add_dist_timeout, add_run_args, build_optimizer,
-                                 clip_grad_norm, cosine_schedule, noise_seed)
+from vitok_fast.options import add_dist_timeout, add_run_args
 
 
 # [ours] a CPU-sized run on latents of the embedded photos under a random T-T/8 ViTok
@@ -102,6 +93,8 @@ def parse_args(argv=None):
 def check_model_fits(name: str, latents, parser) -> None:
     """``--model`` names a DiT whose patch tiles the latent grid of ``--latents`` (read from
     its index.json, before any latent or model loads)."""
+    from vitok_fast.dit import DiTConfig
+
     try:
         DiTConfig.from_name(name)
     except ValueError as e:
@@ -130,6 +123,8 @@ def check_model_fits(name: str, latents, parser) -> None:
 
 def smoke_latents(out: Path, seed: int) -> tuple[Path, Path]:
     """Encode the embedded photos (32 px, 2 classes by parity) with a random T-T/8 ViTok."""
+    import torch
+
     from vitok_fast.data import make_dataset
     from vitok_fast.latents import write_latent_set
     from vitok_fast.model import ViTok
@@ -150,25 +145,27 @@ def smoke_latents(out: Path, seed: int) -> tuple[Path, Path]:
     return latent_dir, vitok_dir
 
 
-class LatentItems(torch.utils.data.Dataset):
-    def __init__(self, latents: dict):
-        self.mean, self.logvar, self.label = latents["mean"], latents["logvar"], latents["label"]
-
-    def __len__(self):
-        return len(self.mean)
-
-    def __getitem__(self, key):
-        i = key[0] if isinstance(key, tuple) else key  # the sampler's (index, seed)
-        return self.mean[i], self.logvar[i], self.label[i]
-
-
 def main(argv=None) -> dict:
+    args = parse_args(argv)  # before torch is imported: --help and option errors need none
+    from vitok_fast.training import StopOnSignal
+
     with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
-        return train(argv, stop)
+        return train(argv, stop, args)
 
 
-def train(argv, stop: StopOnSignal) -> dict:
-    args = parse_args(argv)
+def train(argv, stop: "StopOnSignal", args=None) -> dict:
+    args = parse_args(argv) if args is None else args
+
+    import torch
+
+    from vitok_fast import distributed as D
+    from vitok_fast.checkpoint import save_checkpoint
+    from vitok_fast.dit import LATENT_FILE, DiT, DiTConfig, Diffusion, LatentNorm  # <run>/latents.json
+    from vitok_fast.fileio import atomic_write
+    from vitok_fast.latents import LatentItems, load_latent_set
+    from vitok_fast.run import TrainingRun
+    from vitok_fast.training import EMA, build_optimizer, clip_grad_norm, cosine_schedule, noise_seed
+
     run = TrainingRun(args, stop)  # process group, device, dtype, out_dir, accumulation steps
     dist, device, main_rank = run.dist, run.device, run.main
     out_dir, accum, guard = run.out_dir, run.accum, run.guard

@@ -11,17 +11,12 @@ The model knows nothing of DDP, compile or checkpoints: they are applied here, f
 """
 
 
-import torch
+from vitok_fast import cli
+from vitok_fast.options import add_common_args, finalize_args
 
-from vitok_fast import ViTok, ViTokConfig, cli
-from vitok_fast import distributed as D
-from vitok_fast.checkpoint import save_checkpoint
-from vitok_fast.losses import reconstruction_loss
-from vitok_fast.run import TrainingRun
-from vitok_fast.training import (StopOnSignal, add_common_args, build_lpips, build_optimizer,
-                                 check_resume_model, clip_grad_norm, cosine_schedule, evaluate,
-                                 finalize_args, image_data, model_macs, noise_seed, peak_lr,
-                                 save_grid, tune_attention)
+# the library functions a test patches here; each imports torch only when first called
+save_checkpoint = cli.lazy_function("vitok_fast.checkpoint", "save_checkpoint")
+reconstruction_loss = cli.lazy_function("vitok_fast.losses", "reconstruction_loss")
 
 
 def parse_args(argv=None):
@@ -33,12 +28,25 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)  # before torch is imported: --help and option errors need none
+    from vitok_fast.training import StopOnSignal
+
     with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
-        return train(argv, stop)
+        return train(argv, stop, args)
 
 
-def train(argv, stop: StopOnSignal) -> dict:
-    args = parse_args(argv)
+def train(argv, stop: "StopOnSignal", args=None) -> dict:
+    args = parse_args(argv) if args is None else args
+
+    import torch
+
+    from vitok_fast import ViTok, ViTokConfig
+    from vitok_fast import distributed as D
+    from vitok_fast.run import TrainingRun
+    from vitok_fast.training import (build_lpips, build_optimizer, check_resume_model,
+                                     clip_grad_norm, cosine_schedule, evaluate, image_data,
+                                     model_macs, noise_seed, peak_lr, save_grid, tune_attention)
+
     run = TrainingRun(args, stop)  # process group, device, dtype, out_dir, accumulation steps
     dist, device, main_rank, dtype = run.dist, run.device, run.main, run.dtype
     out_dir, accum, guard = run.out_dir, run.accum, run.guard

@@ -14,24 +14,17 @@ generator's GAN term ramps in linearly over the discriminator's warm-up.
 import argparse
 from pathlib import Path
 
-import torch
+from vitok_fast import cli
+from vitok_fast.options import add_common_args, finalize_args
 
-from vitok_fast import ViTok, cli
-from vitok_fast import distributed as D
-from vitok_fast.checkpoint import (is_complete, latest_checkpoint, resolve_checkpoint,
-                                   save_checkpoint)
-from vitok_fast.discriminator import Discriminator
-from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
-                               reconstruction_loss)
-from vitok_fast.run import TrainingRun
-from vitok_fast.training import (EMA, StopOnSignal, add_common_args, build_lpips,
-                                 build_optimizer, check_resume_model, clip_grad_norm,
-                                 cosine_schedule, evaluate, finalize_args, image_data,
-                                 model_macs, noise_seed, peak_lr, save_grid, tune_attention)
+# the library function a test patches here; it imports torch only when first called
+save_checkpoint = cli.lazy_function("vitok_fast.checkpoint", "save_checkpoint")
 
 
 def _init_dir(text: str) -> str:
     """``--ckpt``: an existing stage-1 checkpoint or run directory ('auto' is --resume's)."""
+    from vitok_fast.checkpoint import is_complete, latest_checkpoint
+
     if text == "auto":
         raise argparse.ArgumentTypeError(
             "'auto' is for --resume; --ckpt needs the stage-1 checkpoint directory or the "
@@ -49,6 +42,7 @@ def _init_config(spec):
     import json
 
     from vitok_fast import ViTokConfig
+    from vitok_fast.checkpoint import resolve_checkpoint
     from vitok_fast.model import CONFIG_FILE
 
     path = resolve_checkpoint(spec, spec, flag="--ckpt")
@@ -85,12 +79,29 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)  # before torch is imported: --help and option errors need none
+    from vitok_fast.training import StopOnSignal
+
     with StopOnSignal() as stop:  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
-        return train(argv, stop)
+        return train(argv, stop, args)
 
 
-def train(argv, stop: StopOnSignal) -> dict:
-    args = parse_args(argv)
+def train(argv, stop: "StopOnSignal", args=None) -> dict:
+    args = parse_args(argv) if args is None else args
+
+    import torch
+
+    from vitok_fast import ViTok
+    from vitok_fast import distributed as D
+    from vitok_fast.checkpoint import resolve_checkpoint
+    from vitok_fast.discriminator import Discriminator
+    from vitok_fast.losses import (d_hinge_loss, frames_as_images, g_adversarial_loss,
+                                   reconstruction_loss)
+    from vitok_fast.run import TrainingRun
+    from vitok_fast.training import (EMA, build_lpips, build_optimizer, check_resume_model,
+                                     clip_grad_norm, cosine_schedule, evaluate, image_data,
+                                     model_macs, noise_seed, peak_lr, save_grid, tune_attention)
+
     run = TrainingRun(args, stop)  # process group, device, dtype, out_dir, accumulation steps
     dist, device, main_rank, dtype = run.dist, run.device, run.main, run.dtype
     out_dir, accum, guard = run.out_dir, run.accum, run.guard

@@ -47,10 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vitok_fast.defaults import ATTENTION_BACKENDS, DEFAULT_ATTENTION_BACKEND
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "auto", "flash", "cudnn", "efficient", "math", "fa4")
-DEFAULT_BACKEND = "sdpa"
+BACKENDS, DEFAULT_BACKEND = ATTENTION_BACKENDS, DEFAULT_ATTENTION_BACKEND  # (torch-free there)
 # What "auto" checks and times on CUDA. "math" is left out: the unfused reference
 # materialises the (N, N) scores, tens of GB at 4096 tokens and a full batch. Listed in
 # order of preference on an exact tie.

@@ -20,12 +20,54 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib
 import math
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Callable
+
+
+def lazy_exports(module: str, exports: dict[str, str]) -> Callable[[str], object]:
+    """A command module's PEP 562 ``__getattr__``: names it re-exports from the library (where
+    they used to live) are imported on first use, so that its ``--help`` imports no torch.
+    ``exports`` maps a name to its library module, or to ``"module:name"`` where it differs."""
+
+    def __getattr__(name: str):
+        if name in exports:
+            source, _, attr = exports[name].partition(":")
+            return getattr(importlib.import_module(source), attr or name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+def lazy_function(module: str, name: str) -> Callable:
+    """``module.name``, imported on the first call: a script's module-level name for a library
+    function that stays a seam (a test may patch it) without importing torch with the script."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{module}.{name}, imported on the first call."
+    return call
+
+
+def no_grad(fn: Callable) -> Callable:
+    """``@torch.no_grad()`` for a command module's functions, importing torch on the first call
+    rather than when the module is (its ``--help`` imports no torch)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class UserError(Exception):
@@ -87,6 +129,25 @@ class ArgumentParser(argparse.ArgumentParser):
         # "argument --ckpt/--init: ..." names an option by its canonical name alone
         message = re.sub(r"^argument (--[\w-]+)(/--[\w-]+)+:", r"argument \1:", message)
         raise UserError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # a default that needs torch to work out (--device's) is worked out only now, after
+        # parsing, so that --help and a parse error never import torch
+        namespace, extras = super().parse_known_args(args, namespace)
+        for name, value in vars(namespace).items():
+            if isinstance(value, LazyDefault):
+                setattr(namespace, name, value.resolve())
+        return namespace, extras
+
+
+class LazyDefault:
+    """An option's default that is worked out after parsing (by :class:`ArgumentParser`)."""
+
+    def __init__(self, resolve: Callable[[], object], text: str):
+        self.resolve, self.text = resolve, text
+
+    def __str__(self) -> str:
+        return self.text
 
 
 # -- the options every tool spells the same way -------------------------------------------
@@ -368,11 +429,14 @@ def load_vitok(spec, tool: str, *, device="cpu", no_kernels: bool = False, resol
     return model, folder, size
 
 
+DEFAULT_DEVICE = LazyDefault(lambda: default_device(), "cuda if available, else cpu")
+
+
 def add_device(parser, *, later: bool = False) -> argparse.Action:
     """``--device``: cpu, cuda or cuda:N, checked as it is parsed. Its default is this machine's
     choice, or None with ``later=True`` for a caller that chooses per rank (training)."""
     return add_option(parser, "--device", type=device, metavar="DEVICE", shared="device",
-                      default=None if later else default_device(),
+                      default=None if later else DEFAULT_DEVICE,
                       help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
 
 

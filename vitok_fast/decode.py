@@ -16,20 +16,19 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from vitok_fast import cli
-from vitok_fast import metrics as M
-from vitok_fast.fileio import atomic_write
 
 
-@torch.no_grad()
+@cli.no_grad
 def decode_latents(model, latents: str | Path, out: str | Path, *, batch_size: int = 32,
                    sample: bool = False, max_samples: int | None = None, device="cpu",
                    tile=None, overlap=None, fps: float = 8.0, seed: int = 0) -> int:
+    import torch
     from safetensors.torch import load_file
+    from tqdm import tqdm
 
+    from vitok_fast import metrics as M
+    from vitok_fast.fileio import atomic_write
     from vitok_fast.latents import item_names, load_latents
     from vitok_fast.media import to_array, write_image, write_video
 

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from vitok_fast.defaults import DEFAULT_DIST_TIMEOUT_S
+
 
 @dataclass
 class Dist:
@@ -42,7 +44,7 @@ class Dist:
         return self.world > 1
 
 
-DEFAULT_TIMEOUT_S = 600  # --dist-timeout: a step plus a checkpoint save fit in it many times
+DEFAULT_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S  # --dist-timeout (vitok_fast/defaults.py)
 
 
 def setup(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:

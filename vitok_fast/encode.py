@@ -31,15 +31,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from vitok_fast import cli
-# The format and the encode loop live in vitok_fast/latents.py; re-exported here, where they were.
-from vitok_fast.latents import (INDEX_FILE, SHARD_LISTS, encode_dataset,  # noqa: F401
-                                iter_latents, load_latents, meta_name, settings_differences,
-                                shard_name)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The format and the encode loop live in vitok_fast/latents.py; re-exported here, where they
+# were, and imported when used (--help imports no torch).
+__getattr__ = cli.lazy_exports(__name__, dict.fromkeys(
+    ("INDEX_FILE", "SHARD_LISTS", "encode_dataset", "iter_latents", "load_latents", "meta_name",
+     "settings_differences", "shard_name"), "vitok_fast.latents"))
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # storage dtype -> torch.<name>
 
 
 def main(argv=None) -> dict:
@@ -67,7 +67,10 @@ def main(argv=None) -> dict:
     cli.add_device(p)
     args = p.parse_args(argv)
 
+    import torch
+
     from vitok_fast.data import make_dataset
+    from vitok_fast.latents import INDEX_FILE, encode_dataset
 
     model, folder, size = cli.load_vitok(args.ckpt, "encode", device=args.device,
                                          no_kernels=args.no_kernels, resolution=args.resolution,
@@ -78,7 +81,7 @@ def main(argv=None) -> dict:
         dataset = make_dataset(args.data, resolution, frames, train=False, with_meta=True)
     index = encode_dataset(model, dataset, Path(args.out), resolution=resolution, frames=frames,
                            shard_size=args.shard_size, batch_size=args.batch_size,
-                           dtype=DTYPES[args.dtype], max_samples=args.max_samples,
+                           dtype=getattr(torch, DTYPES[args.dtype]), max_samples=args.max_samples,
                            num_workers=args.num_workers, device=args.device, tile=args.tile,
                            overlap=args.overlap, meta={"ckpt": str(folder.resolve()), "data": args.data,
                                  **{k: size[k] for k in ("trained_resolution", "trained_frames",

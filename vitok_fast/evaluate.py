@@ -18,24 +18,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
 from vitok_fast import cli
-from vitok_fast import metrics as M
-from vitok_fast.checkpoint import resolve_ckpt  # noqa: F401 (re-exported: the other tools took it from here)
-from vitok_fast.distributed import rank_world, strided_shard
-from vitok_fast.fileio import atomic_write
 
 IMAGE_METRICS = ("psnr", "ssim", "lpips", "fid")
 VIDEO_METRICS = ("psnr", "ssim", "lpips", "fvd")
 
+# re-exported: the other tools took resolve_ckpt from here, and _shard and _distributed are
+# the names the data-sharding helpers had here; imported when used (--help imports no torch)
+__getattr__ = cli.lazy_exports(__name__, {
+    "resolve_ckpt": "vitok_fast.checkpoint", "_shard": "vitok_fast.distributed:strided_shard",
+    "_distributed": "vitok_fast.distributed:rank_world"})
 
-_shard, _distributed = strided_shard, rank_world  # the names they had here
 
-
-@torch.no_grad()
+@cli.no_grad
 def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu",
              lpips_model=None, inception=None, i3d=None, num_workers: int = 0,
              max_samples: int | None = None, sample: bool = False, tile=None, overlap=None,
@@ -49,6 +44,13 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
     ``UnreadableItem`` instead). The networks for LPIPS / FID / FVD must be
     given when their metric is asked.
     """
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from vitok_fast import metrics as M
+    from vitok_fast.distributed import rank_world, strided_shard
+
     video = model.config.is_video
     metrics = tuple(metrics or (VIDEO_METRICS if video else IMAGE_METRICS))
     allowed = VIDEO_METRICS if video else IMAGE_METRICS
@@ -158,6 +160,9 @@ def load_generated(path, resolution: int | None = None) -> tuple[torch.Tensor, l
     centre-cropped to ``resolution`` (default: the shorter side of the first readable one),
     the evaluation transform."""
     import numpy as np
+    import torch
+
+    from vitok_fast import metrics as M
 
     path = Path(path)
     if path.is_dir() and (path / "samples.npz").is_file():
@@ -202,6 +207,7 @@ def load_generated(path, resolution: int | None = None) -> tuple[torch.Tensor, l
 
 def _fit(x: torch.Tensor, resolution: int) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] resized (shorter side) and centre-cropped to ``resolution``."""
+    import torch
     import torch.nn.functional as F
 
     H, W = x.shape[-2:]
@@ -212,7 +218,7 @@ def _fit(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return x[..., top:top + resolution, left:left + resolution].clamp(-1, 1)
 
 
-@torch.no_grad()
+@cli.no_grad
 def generation_metrics(images: torch.Tensor, ref, inception, *, batch_size: int = 50,
                        device="cpu", splits: int = 10, progress: bool = True):
     """gFID of uint8 images (N, 3, H, W) against ``ref`` (a FrechetStats, (mu, sigma), or
@@ -220,6 +226,11 @@ def generation_metrics(images: torch.Tensor, ref, inception, *, batch_size: int 
     and the Inception Score over ``splits`` splits, with the FID Inception of rFID
     (features "2048" and "logits_unbiased", as torch-fidelity computes them). Returns
     ``(results, stats of the images)``."""
+    import torch
+    from tqdm import tqdm
+
+    from vitok_fast import metrics as M
+
     if isinstance(ref, tuple):
         ref = _stats_from_moments(*ref)
     stats = M.FrechetStats(2048)
@@ -242,6 +253,10 @@ def generation_metrics(images: torch.Tensor, ref, inception, *, batch_size: int 
 
 def _stats_from_moments(mu, sigma, n: int = 50_000) -> "M.FrechetStats":
     """FrechetStats whose mean and covariance are exactly ``mu`` and ``sigma`` (any n >= 2)."""
+    import torch
+
+    from vitok_fast import metrics as M
+
     mu, sigma = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
     stats = M.FrechetStats(mu.numel())
     stats.n += n
@@ -274,6 +289,7 @@ def load_generated_clips(path) -> torch.Tensor:
     """uint8 clips (N, 3, T, H, W) from samples.npz / an .npz holding (N, T, H, W, 3) uint8
     ``pixels`` or ``arr_0``, or a folder of video files of one size."""
     import numpy as np
+    import torch
 
     from vitok_fast.data import VIDEO_EXTS
     from vitok_fast.media import read_video
@@ -304,9 +320,13 @@ def load_generated_clips(path) -> torch.Tensor:
     return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).contiguous()
 
 
-@torch.no_grad()
+@cli.no_grad
 def i3d_stats(batches, i3d, *, device="cpu", progress: bool = True) -> "M.FrechetStats":
     """FVD statistics (I3D's 400 logits) of uint8 clips (B, 3, T, H, W), batch by batch."""
+    from tqdm import tqdm
+
+    from vitok_fast import metrics as M
+
     stats = M.FrechetStats(400)
     for clips in tqdm(batches, desc="I3D", disable=not progress):
         stats.update(M.i3d_features(i3d, clips.to(device)).cpu())
@@ -317,6 +337,9 @@ def real_clip_batches(source, frames: int, resolution: int, batch_size: int):
     """uint8 clips of a real video folder (UCF-101's class folders, any layout
     vitok_fast.data reads) at the generated clips' size: shorter side resized to
     ``resolution``, centre crop, the first ``frames`` frames (the evaluation protocol)."""
+    import torch
+
+    from vitok_fast import metrics as M
     from vitok_fast.data import make_dataset
 
     dataset = make_dataset(str(source), resolution, frames, train=False)
@@ -329,6 +352,8 @@ def evaluate_generated_videos(args, clips: torch.Tensor) -> dict:
     the I3D ``mu`` and ``sigma``, samples (samples.npz or a folder of same-size clips), or a
     folder of real videos, read at the samples' size."""
     import numpy as np
+
+    from vitok_fast import metrics as M
 
     i3d = M.load_i3d(args.i3d, args.device)
     batches = lambda x: (x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size))
@@ -363,6 +388,9 @@ def evaluate_generated_videos(args, clips: torch.Tensor) -> dict:
 def evaluate_generated(args) -> dict:
     """``--generated DIR --ref-stats REF``: gFID and gIS; ``--stats-out`` keeps the mu/sigma."""
     import numpy as np
+
+    from vitok_fast import metrics as M
+    from vitok_fast.fileio import atomic_write
 
     if not args.ref_stats and not args.stats_out:
         raise ValueError("--generated needs --ref-stats (an .npz with mu and sigma, e.g. ADM's "
@@ -467,7 +495,7 @@ def parse_args(argv=None):
                                      f"videos: {','.join(VIDEO_METRICS)}; --generated: "
                                      f"{','.join(GENERATION_METRICS)}); default all")
     cli.add_inception(p)
-    p.add_argument("--i3d", help=f"FVD I3D weights ({M.I3D_FILE})")
+    p.add_argument("--i3d", help="FVD I3D weights (i3d_pretrained_400.pt)")  # = metrics.I3D_FILE
     cli.add_lpips_vgg(p)
     p.add_argument("--batch-size", type=cli.positive_int, default=16, help="items per forward pass")
     p.add_argument("--num-workers", type=cli.nonnegative_int, default=2,
@@ -503,6 +531,13 @@ def parse_metrics(text: str | None, video: bool, name: str) -> tuple[str, ...]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+
+    import torch
+    import torch.distributed as dist
+
+    from vitok_fast import metrics as M
+    from vitok_fast.fileio import atomic_write
+
     if args.generated:
         return evaluate_generated(args)
     if not args.ckpt or not args.data:
@@ -582,3 +617,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     cli.run(main)
+

@@ -32,13 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from vitok_fast import cli
 
 
 def _check_equal(program, eager, example: torch.Tensor, what: str) -> None:
     """The program against the eager module on a bigger input than the traced one."""
+    import torch
+
     bigger = torch.cat([example, example[:1]], dim=0)
     with torch.no_grad():
         got, want = program.module()(bigger), eager(bigger)
@@ -58,9 +58,11 @@ def main(argv=None) -> dict:
     cli.add_device(p)
     args = p.parse_args(argv)
 
+    import torch
+
+    from vitok_fast import serving
     from vitok_fast.checkpoint import resolve_ckpt
     from vitok_fast.model import ViTok
-    from vitok_fast import serving
 
     overrides = {"attention_backend": "sdpa", **({"use_kernels": False} if args.no_kernels else {})}
     with cli.option("--ckpt", args.ckpt):

@@ -34,13 +34,14 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from vitok_fast import cli
 
-# The statistics live in vitok_fast/latents.py with the shard format; re-exported here.
-from vitok_fast.latents import (STATS_FILE, Moments, compute_stats, merge_all,  # noqa: F401
-                                stats_dict, stats_latents, write_stats)
+# The statistics live in vitok_fast/latents.py with the shard format; re-exported here, and
+# imported when used (--help imports no torch).
+__getattr__ = cli.lazy_exports(__name__, dict.fromkeys(
+    ("Moments", "compute_stats", "merge_all", "stats_dict", "stats_latents",
+     "write_stats"), "vitok_fast.latents"))
+STATS_FILE = "stats.json"  # = vitok_fast.latents.STATS_FILE, which imports torch
 
 def main(argv=None) -> dict:
     p = cli.ArgumentParser(prog="python -m vitok_fast.latent_stats", description=__doc__)
@@ -72,9 +73,11 @@ def main(argv=None) -> dict:
         raise IsADirectoryError(f"--out expects a JSON file path, got the directory {args.out}; "
                                 f"e.g. {Path(args.out) / STATS_FILE}")
 
+    import torch
     import torch.distributed as dist
 
     from vitok_fast.data import make_dataset
+    from vitok_fast.latents import compute_stats, write_stats
 
     device = torch.device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

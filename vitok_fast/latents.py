@@ -456,6 +456,21 @@ def load_latent_set(directory, posterior_dtype=torch.float32) -> dict:
             "stats": json.loads(stats_path.read_text())}
 
 
+class LatentItems(torch.utils.data.Dataset):
+    """A loaded latent set (load_latent_set) as a map-style data set of (mean, logvar, label);
+    a key may be a sampler's (index, seed)."""
+
+    def __init__(self, latents: dict):
+        self.mean, self.logvar, self.label = latents["mean"], latents["logvar"], latents["label"]
+
+    def __len__(self):
+        return len(self.mean)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key  # the sampler's (index, seed)
+        return self.mean[i], self.logvar[i], self.label[i]
+
+
 def write_latent_set(out, mean, logvar, label, classes, paths, meta: dict | None = None,
                      shard_size: int = 1024) -> dict:
     """Write labelled latents and their stats in the encode format (bench and smoke runs;

@@ -17,10 +17,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from vitok_fast import cli
+
 
 def _pyplot():
     """matplotlib.pyplot on the file-only Agg backend (never a window), imported when a plot is
@@ -104,6 +102,8 @@ def bottleneck_sweep(json_paths, path, metrics=None) -> Path:
 
 def read_log(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{name: (steps, values)} from a JSON-lines or CSV training log with a 'step' field."""
+    import numpy as np
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training log {path} does not exist")
@@ -190,6 +190,8 @@ def main(argv=None) -> Path:
         return bottleneck_sweep(args.jsons, args.out, args.metrics and args.metrics.split(","))
     if args.command == "curves":
         return training_curves(args.log, args.out, args.keys and args.keys.split(","))
+    import torch
+
     from vitok_fast.data import make_dataset
     from vitok_fast.media import reconstruct_pixels
 

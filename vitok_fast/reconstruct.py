@@ -23,15 +23,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from vitok_fast import cli
-from vitok_fast import metrics as M
-from vitok_fast.fileio import atomic_write
-# File I/O and the pixel preparation live in vitok_fast/media.py; re-exported here.
-from vitok_fast.media import (fit_to_model, read_image, read_video,  # noqa: F401
-                              reconstruct_pixels, to_array, to_pixels, write_image, write_video)
+
+# File I/O and the pixel preparation live in vitok_fast/media.py; re-exported here, and
+# imported when used (--help imports no torch).
+__getattr__ = cli.lazy_exports(__name__, dict.fromkeys(
+    ("fit_to_model", "read_image", "read_video", "reconstruct_pixels", "to_array", "to_pixels",
+     "write_image", "write_video"), "vitok_fast.media"))
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".webm", ".avi", ".mov", ".mkv"}
@@ -45,6 +43,12 @@ def reconstruct_file(model, path: Path, out: Path, *, resolution=None, max_frame
     """Reconstruct one file into ``out/<name>_recon.*`` and ``out/<name>_compare.*`` (``name``
     defaults to the file's stem; a folder's files keep their path under it, ``<class>/<stem>``);
     returns the PSNR."""
+    import torch
+
+    from vitok_fast import metrics as M
+    from vitok_fast.media import (fit_to_model, read_image, read_video, reconstruct_pixels,
+                                  to_array, to_pixels, write_image, write_video)
+
     cfg = model.config
     name = name or path.stem
     suffix = path.suffix.lower()
@@ -138,6 +142,10 @@ def main(argv=None) -> dict:
     cli.add_no_kernels(p)
     cli.add_device(p)
     args = p.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from vitok_fast.fileio import atomic_write
 
     if args.native and args.resolution:
         raise cli.UserError(f"--native keeps each input's size, --resolution {args.resolution} "

@@ -23,15 +23,14 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from vitok_fast import cli
 from vitok_fast.cli import UserError, run
-# What train/dit.py shares with sampling lives in vitok_fast/dit.py and vitok_fast/media.py.
-from vitok_fast.dit import LATENT_FILE, decode_samples, find_latent_info  # noqa: F401
-from vitok_fast.fileio import atomic_write
-from vitok_fast.media import save_sample_grid, to_array, to_uint8, write_video  # noqa: F401
+
+# What train/dit.py shares with sampling lives in vitok_fast/dit.py and vitok_fast/media.py;
+# re-exported here, and imported when used (--help imports no torch).
+__getattr__ = cli.lazy_exports(__name__, {
+    **dict.fromkeys(("LATENT_FILE", "decode_samples", "find_latent_info"), "vitok_fast.dit"),
+    **dict.fromkeys(("save_sample_grid", "to_array", "to_uint8", "write_video"), "vitok_fast.media")})
 
 TRAIN_STEPS = 1000  # the DDPM timesteps of vitok_fast.dit.Diffusion, which train/dit.py trains
 
@@ -91,10 +90,15 @@ def main(argv=None) -> dict:
     cli.add_device(p)
     args = p.parse_args(argv)
 
-    from vitok_fast.checkpoint import resolve_ckpt
-    from vitok_fast.dit import DiT, Diffusion, LatentNorm
-    from vitok_fast.model import ViTok
+    import numpy as np
+    import torch
     from PIL import Image
+
+    from vitok_fast.checkpoint import resolve_ckpt
+    from vitok_fast.dit import LATENT_FILE, DiT, Diffusion, LatentNorm, decode_samples, find_latent_info
+    from vitok_fast.fileio import atomic_write
+    from vitok_fast.media import save_sample_grid, to_array, to_uint8, write_video
+    from vitok_fast.model import ViTok
 
     # -- what the run says, checked before any model loads ------------------------------------
     overrides = {"use_kernels": False} if args.no_kernels else {}

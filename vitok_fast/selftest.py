@@ -42,8 +42,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from vitok_fast import cli
 from vitok_fast.cli import UserError, run
 from vitok_fast.interpret import interpret_without_cuda
@@ -57,8 +55,14 @@ OP_MODELS = ("S-B/16", "S-L/16", "S-B/4x8")
 MODEL_CASES = {False: (("S-B/16", (2, 1, 256, 256)), ("S-L/16", (1, 1, 256, 256)),
                        ("S-B/4x8", (1, 16, 128, 128))),
                True: (("T-T/8", (2, 1, 32, 32)), ("T-T/2x8", (1, 4, 16, 16)))}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # -> torch.<dtype> (_dtypes)
 EPS = 1e-6
+
+
+def _dtypes() -> dict:
+    import torch
+
+    return {name: getattr(torch, dtype) for name, dtype in DTYPES.items()}
 
 
 @dataclasses.dataclass
@@ -132,6 +136,8 @@ class Compare:
 
 
 def _median_ms(fn, device, reps) -> float:
+    import torch
+
     if device.type == "cuda":
         fn()  # warm-up: compiles the kernels
     samples = []
@@ -199,11 +205,15 @@ def _leaf(t, dtype):
 
 
 def _grads(outs, leaves, dys):
+    import torch
+
     return torch.autograd.grad(outs, leaves, dys)
 
 
 def _rms_norm_check(cmp, M, d, dtype, dev, fused: bool):
     """rms_norm, or add_rms_norm when ``fused``: forward and backward against float64."""
+    import torch
+
     from vitok_fast import ops
     from vitok_fast.kernel_bounds import STORE_ULP, U32, ops_u32
 
@@ -256,6 +266,7 @@ def _rms_norm_check(cmp, M, d, dtype, dev, fused: bool):
 
 
 def _swiglu_check(cmp, M, h, dtype, dev):
+    import torch
     import torch.nn.functional as F
 
     from vitok_fast import ops
@@ -288,6 +299,8 @@ def _swiglu_check(cmp, M, h, dtype, dev):
 
 
 def _rope64(x, cos, sin):
+    import torch
+
     P = x.shape[-1] // 2
     x1, x2 = x[..., :P], x[..., P:]
     c, s = cos.double(), sin.double()
@@ -295,12 +308,16 @@ def _rope64(x, cos, sin):
 
 
 def _pair_scale(x):
+    import torch
+
     P = x.shape[-1] // 2
     mag = x[..., :P].abs() + x[..., P:].abs()
     return torch.cat((mag, mag), dim=-1)
 
 
 def _rope_check(cmp, B, grid, heads, D, dtype, dev):
+    import torch
+
     from vitok_fast import ops
     from vitok_fast.kernel_bounds import STORE_ULP, fp32_bound
     from vitok_fast.kernels import rope_cos_sin
@@ -328,6 +345,7 @@ def _rope_check(cmp, B, grid, heads, D, dtype, dev):
 
 
 def _tubelet_check(cmp, s: OpShape, dtype, dev, unembed: bool):
+    import torch
     import torch.nn.functional as F
 
     from vitok_fast import ops
@@ -398,6 +416,8 @@ def _tubelet_check(cmp, s: OpShape, dtype, dev, unembed: bool):
 def op_checks(dev: torch.device, quick: bool, reps: int):
     """Yields one Check per (op, model, side, dtype); a case whose shapes an earlier model
     already had (S-L/16's S encoder) is not repeated."""
+    import torch
+
     from vitok_fast import ops
 
     seen = set()
@@ -421,7 +441,7 @@ def op_checks(dev: torch.device, quick: bool, reps: int):
                 seen.add(key)
                 cases.append((op, model, lambda c, dt, u=unembed: _tubelet_check(c, s, dt, dev, u)))
         for op, tag, build in cases:
-            for dname, dtype in DTYPES.items():
+            for dname, dtype in _dtypes().items():
                 name = f"{op} {tag} {dname}"
                 if not ops.triton_can_run(torch.empty(0, device=dev)):
                     yield Check(name, None, why=_no_triton_reason(dev))
@@ -467,7 +487,7 @@ def _norm_rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
+UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8}  # by torch dtype name
 
 
 def _as_accurate(cmp, test: dict, ref: dict, exact: dict, dtype):
@@ -477,10 +497,12 @@ def _as_accurate(cmp, test: dict, ref: dict, exact: dict, dtype):
     bit; a path that computes the wrong thing is off by O(1)."""
     for key in exact:
         err_t, err_r = _norm_rel(test[key], exact[key]), _norm_rel(ref[key], exact[key])
-        cmp.add_norm(key, err_t, 2 * err_r + UNIT_ROUNDOFF[dtype])
+        cmp.add_norm(key, err_t, 2 * err_r + UNIT_ROUNDOFF[str(dtype).removeprefix("torch.")])
 
 
 def _model_triple(name, shape, dtype, dev):
+    import torch
+
     from vitok_fast.model import ViTok
 
     torch.manual_seed(0)
@@ -495,10 +517,12 @@ def _model_triple(name, shape, dtype, dev):
 
 
 def model_checks(dev, quick):
+    import torch
+
     from vitok_fast import ops
 
     for name, shape in MODEL_CASES[quick]:
-        for dname, dtype in DTYPES.items():
+        for dname, dtype in _dtypes().items():
             check = f"model kernel path vs reference {name} {dname}"
             if not ops.triton_can_run(torch.empty(0, device=dev)):
                 yield Check(check, None, why=_no_triton_reason(dev))
@@ -524,6 +548,8 @@ def compile_check(dev, quick):
     """torch.compile of the kernel-path model (fullgraph: the fused ops are custom ops, so no
     graph break), forward and backward, by Inductor, against float64. On the CPU, Inductor's
     graph calls the interpreted kernels as opaque ops (tests/test_compile.py)."""
+    import torch
+
     from vitok_fast import ops
 
     name, shape = MODEL_CASES[quick][0]
@@ -565,6 +591,8 @@ def attention_checks(dev, quick, reps):
     """Each backend, forward and backward, by vitok_fast.attention.check_backend: the error
     of out, dq, dk and dv relative to their term magnitudes, against bounds derived from the
     operations a correct kernel does (see that function)."""
+    import torch
+
     from vitok_fast.attention import check_backend
 
     cases, seen = [], set()
@@ -576,7 +604,7 @@ def attention_checks(dev, quick, reps):
                 cases.append((f"{name} {heads}x{width // heads}", s, width, heads))
     for backend in attention_backends(dev):
         for tag, s, width, heads in cases:
-            for dname, dtype in DTYPES.items():
+            for dname, dtype in _dtypes().items():
                 check = f"attention {backend} {tag} {dname}"
                 torch.manual_seed(0)
                 B, N = s.batch, s.tokens // s.batch
@@ -595,6 +623,8 @@ def attention_checks(dev, quick, reps):
 
 
 def _time_attention(backend, q, k, v, grad_out, dev, reps):
+    import torch
+
     from vitok_fast.attention import attention
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -617,6 +647,8 @@ def _version(module: str):
 
 
 def environment(dev: torch.device) -> dict:
+    import torch
+
     import vitok_fast
     from vitok_fast import attention
 
@@ -651,6 +683,8 @@ def parse_args(argv=None):
 
 
 def _device(arg) -> torch.device:
+    import torch
+
     if arg is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -685,6 +719,8 @@ def _needs_interpreter_restart(dev) -> bool:
     """True when kernels must run under Triton's interpreter here but triton was already
     imported without it (``import vitok_fast`` may import triton first): the variable is
     read at import, so only a fresh process can turn it on."""
+    import torch
+
     return (dev.type == "cpu" and "TRITON_INTERPRET" not in os.environ
             and not torch.cuda.is_available() and "triton" in sys.modules)
 
@@ -692,6 +728,9 @@ def _needs_interpreter_restart(dev) -> bool:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+
+    import torch
+
     dev = _device(args.device)
     _check_json_path(args.json)
     if _needs_interpreter_restart(dev):
