@@ -151,6 +151,23 @@ def evaluate(model, dataset, *, metrics=None, batch_size: int = 16, device="cpu"
 GENERATION_METRICS = ("gfid", "gis", "gfvd")
 
 
+def _samples_path(path) -> Path:
+    """``samples.npz`` inside a folder written by python -m vitok_fast.sample, else ``path``."""
+    path = Path(path)
+    return path / "samples.npz" if path.is_dir() and (path / "samples.npz").is_file() else path
+
+
+def _npz_pixels(path: Path, what: str):
+    """The uint8 pixels of an .npz: its ``pixels`` (our samples) or ``arr_0`` (ADM's batches)."""
+    import numpy as np
+
+    data = np.load(path)
+    key = next((k for k in ("pixels", "arr_0") if k in data), None)
+    if key is None:
+        raise ValueError(f"{path} holds {sorted(data)}: expected 'pixels' or 'arr_0' {what}")
+    return data[key]
+
+
 def load_generated(path, resolution: int | None = None) -> tuple[torch.Tensor, list[dict]]:
     """uint8 (N, 3, H, W) images and the unreadable files skipped ([{path, reason}]) from a
     folder written by python -m vitok_fast.sample (its samples.npz), an .npz holding
@@ -164,15 +181,9 @@ def load_generated(path, resolution: int | None = None) -> tuple[torch.Tensor, l
 
     from vitok_fast import metrics as M
 
-    path = Path(path)
-    if path.is_dir() and (path / "samples.npz").is_file():
-        path = path / "samples.npz"
+    path = _samples_path(path)
     if path.is_file() and path.suffix == ".npz":
-        data = np.load(path)
-        key = next((k for k in ("pixels", "arr_0") if k in data), None)
-        if key is None:
-            raise ValueError(f"{path} holds {sorted(data)}: expected 'pixels' or 'arr_0' images")
-        images = data[key]
+        images = _npz_pixels(path, "images")
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images (N, H, W, 3) in {path}, got {images.dtype} "
                              f"{images.shape} (video samples: score them with FVD, not gFID)")
@@ -272,9 +283,7 @@ def generated_clips(path) -> bool:
 
     from vitok_fast.data import IMAGE_EXTS, VIDEO_EXTS
 
-    path = Path(path)
-    if path.is_dir() and (path / "samples.npz").is_file():
-        path = path / "samples.npz"
+    path = _samples_path(path)
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as data:
             key = next((k for k in ("pixels", "arr_0") if k in data), None)
@@ -294,15 +303,9 @@ def load_generated_clips(path) -> torch.Tensor:
     from vitok_fast.data import VIDEO_EXTS
     from vitok_fast.media import read_video
 
-    path = Path(path)
-    if path.is_dir() and (path / "samples.npz").is_file():
-        path = path / "samples.npz"
+    path = _samples_path(path)
     if path.is_file() and path.suffix == ".npz":
-        data = np.load(path)
-        key = next((k for k in ("pixels", "arr_0") if k in data), None)
-        if key is None:
-            raise ValueError(f"{path} holds {sorted(data)}: expected 'pixels' or 'arr_0' clips")
-        clips = data[key]
+        clips = _npz_pixels(path, "clips")
     else:
         videos = sorted(f for f in path.iterdir() if f.suffix.lower() in VIDEO_EXTS)
         if not videos:
