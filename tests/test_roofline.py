@@ -69,17 +69,19 @@ class _VitokCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@torch.library.custom_op("vitok::roofline_test_swiglu", mutates_args=())
-def _probe(gate_up: torch.Tensor) -> torch.Tensor:
-    raise AssertionError("only its fake implementation runs, on meta")
+@pytest.fixture
+def probe_op():
+    """A test-only ``vitok::`` op (fake implementation only), removed again after the test so
+    that no other test sees it (tests/test_kernels_opcheck.py lists every vitok op)."""
+    lib = torch.library.Library("vitok", "FRAGMENT")
+    lib.define("roofline_test_swiglu(Tensor gate_up) -> Tensor")
+    lib.impl("roofline_test_swiglu",
+             lambda gu: gu.new_empty((*gu.shape[:-1], gu.shape[-1] // 2)), "Meta")
+    yield torch.ops.vitok.roofline_test_swiglu
+    lib._destroy()
 
 
-@_probe.register_fake
-def _(gate_up):
-    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
-
-
-def test_fused_trace_takes_its_ops_from_the_model(monkeypatch):
+def test_fused_trace_takes_its_ops_from_the_model(monkeypatch, probe_op):
     config = ViTokConfig.from_name("S-B/16")
     with torch.device("meta"):
         model = ViTok(config).to(torch.bfloat16)
@@ -93,7 +95,7 @@ def test_fused_trace_takes_its_ops_from_the_model(monkeypatch):
     assert traced == seen.calls and len(traced) >= 5
     # a new fused op is one op of the trace, bytes its inputs + outputs, with no list to edit
     from vitok_fast import ops
-    monkeypatch.setattr(ops, "swiglu_packed", lambda gu, use: torch.ops.vitok.roofline_test_swiglu(gu))
+    monkeypatch.setattr(ops, "swiglu_packed", lambda gu, use: probe_op(gu))
     trace = roofline.trace_vitok(config, 2, 64, 1, fused=True, train=False)
     probes = [op for op in trace if op["op"] == "vitok.roofline_test_swiglu"]
     assert len(probes) == 18 and not any(op["op"] == "vitok.swiglu_packed" for op in trace)
