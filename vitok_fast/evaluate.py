@@ -278,10 +278,11 @@ def _stats_from_moments(mu, sigma, n: int = 50_000) -> "M.FrechetStats":
 
 def generated_clips(path) -> bool:
     """True if ``path`` (a samples folder, an .npz, or a folder of files) holds video samples:
-    5-d pixels in its .npz, or video files and no images in the folder."""
+    5-d pixels in its .npz, or video files and no images under the folder (recursive, as
+    every tool reads folders: sample writes ``<class>/<k>.mp4``)."""
     import numpy as np
 
-    from vitok_fast.data import IMAGE_EXTS, VIDEO_EXTS
+    from vitok_fast.data import IMAGE_EXTS, VIDEO_EXTS, scan_files
 
     path = _samples_path(path)
     if path.is_file() and path.suffix == ".npz":
@@ -290,8 +291,7 @@ def generated_clips(path) -> bool:
             return key is not None and data[key].ndim == 5
     if not path.is_dir():
         return False
-    suffixes = {f.suffix.lower() for f in path.iterdir() if f.is_file()}
-    return bool(suffixes & set(VIDEO_EXTS)) and not suffixes & set(IMAGE_EXTS)
+    return bool(scan_files(path, VIDEO_EXTS)) and not scan_files(path, IMAGE_EXTS)
 
 
 def load_generated_clips(path) -> torch.Tensor:
@@ -307,7 +307,9 @@ def load_generated_clips(path) -> torch.Tensor:
     if path.is_file() and path.suffix == ".npz":
         clips = _npz_pixels(path, "clips")
     else:
-        videos = sorted(f for f in path.iterdir() if f.suffix.lower() in VIDEO_EXTS)
+        from vitok_fast.data import scan_files
+
+        videos = scan_files(path, VIDEO_EXTS)  # class folders included
         if not videos:
             raise FileNotFoundError(f"{path} holds no samples.npz and no videos "
                                     f"({', '.join(VIDEO_EXTS)})")
