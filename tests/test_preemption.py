@@ -646,3 +646,6 @@ def test_a_restarted_attempt_ignores_the_dead_attempts_store_announcement(monkey
     stores[0].set("hello", "from rank 0")  # one store: what rank 0 writes, rank 1 reads
     assert stores[1].get("hello") == b"from rank 0"
     assert agent.get(D._ATTEMPT_KEY).decode().split(":")[1] == str(stores[0].port)
+    assert not stores[0].libuvBackend  # the classic server: it always joins its thread
+    D.cleanup()  # no process group here: releases the kept store
+    assert not D._STORE

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import itertools
 import os
 import socket
@@ -97,22 +98,43 @@ def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.TC
         with socket.create_connection((host, port), timeout=timeout.total_seconds()) as s:
             me = s.getsockname()[0]  # the address the other nodes reach this one by
         token = uuid.uuid4().hex
-        store = dist.TCPStore(me, 0, world, is_master=True, timeout=timeout,
-                              wait_for_workers=False)
+        store = _master_store(me, world, timeout)
         store.set("token", token)
         shared.set(_ATTEMPT_KEY, f"{me}:{store.port}:{token}")
-        return store
+        return _keep(store)
     while True:
         host0, port0, token = shared.get(_ATTEMPT_KEY).decode().rsplit(":", 2)
         store = _connect(host0, int(port0), world, timeout)
         # check() does not wait: a stranger's store that took over a dead port says no
         if store is not None and store.check(["token"]) and store.get("token").decode() == token:
-            return store
+            return _keep(store)
         if time.monotonic() > deadline:
             raise dist.DistStoreError(
                 f"rank {rank}: no rank 0 of this attempt announced its store on "
                 f"{host}:{port} within {timeout.total_seconds():.0f} s (--dist-timeout)")
         time.sleep(0.1)
+
+
+_STORE: list = []  # this attempt's store, released by cleanup() at a known point
+
+
+def _keep(store: dist.TCPStore) -> dist.TCPStore:
+    _STORE[:] = [store]
+    return store
+
+
+def _master_store(host: str, world: int, timeout) -> dist.TCPStore:
+    """The attempt's store server on a free port. Not the libuv server (torch's default since
+    2.4): its destructor skips joining its thread when it finds the loop stopped, and a
+    joinable ``std::thread`` destroyed at interpreter exit aborts the process ("terminate
+    called without an active exception", SIGABRT after a finished run: seen in CI on rank 0,
+    the server's host, with torch 2.14.1 under load). The classic server always joins."""
+    try:
+        return dist.TCPStore(host, 0, world, is_master=True, timeout=timeout,
+                             wait_for_workers=False, use_libuv=False)
+    except TypeError:  # a torch without the use_libuv argument has only the classic server
+        return dist.TCPStore(host, 0, world, is_master=True, timeout=timeout,
+                             wait_for_workers=False)
 
 
 def _connect(host: str, port: int, world: int, timeout):
@@ -139,8 +161,15 @@ def peer_failure(exc: BaseException) -> bool:
 
 
 def cleanup() -> None:
+    """Destroy the process group, then release this attempt's store (:func:`attempt_store`)
+    and collect the garbage that still holds distributed objects, while the interpreter is
+    whole: a store server or a gloo context destroyed during interpreter shutdown can abort
+    a finished run."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _STORE:
+        _STORE.clear()
+        gc.collect()
 
 
 def wrap_model(model: nn.Module, d: Dist, mode: str = "ddp") -> nn.Module:
