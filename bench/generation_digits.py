@@ -79,22 +79,35 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*stats)
 
 
-def train_vitok(x, steps, seed, batch=64, lr=2e-3, channels=8, name="T-T/8", **config):
+def one_cycle(opt, lr: float, steps: int):
+    """The one-cycle schedule (5% warm-up) of both trainings here; a short run (under 40
+    steps, as the tests use) warms up over 2 steps, and under 4 steps keeps ``lr`` flat:
+    OneCycleLR divides by zero when its warm-up is shorter than one step."""
+    if steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps,
+                                               pct_start=max(0.05, 2.0 / steps))
+
+
+def train_vitok(x, steps, seed, batch=64, lr=2e-3, channels=8, name="T-T/8", make=None,
+                **config):
     """A ViTok ``name`` (``config``: any other ViTokConfig field) trained on ``x`` with MSE +
-    1e-3 KL."""
+    1e-3 KL. Each step draws ``batch`` indices into ``x``; ``make(indices, generator)`` turns
+    them into the batch (default: ``x[indices]``; moving digits render clips)."""
     from vitok_fast.losses import reconstruction_loss
     from vitok_fast.model import ViTok
 
     torch.manual_seed(seed)
     model = ViTok.from_name(name, channels=channels, use_kernels=False, **config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     from tqdm import tqdm
 
     for _ in tqdm(range(steps), desc="ViTok", leave=False):
-        xb = x[torch.randint(0, len(x), (batch,), generator=gen)]
+        pick = torch.randint(0, len(x), (batch,), generator=gen)
+        xb = x[pick] if make is None else make(pick, gen)
         recon, posterior = model(xb, generator=gen)
         loss, _ = reconstruction_loss(xb, recon, posterior, lpips_weight=0.0, kl_weight=1e-3)
         opt.zero_grad(set_to_none=True)
@@ -117,7 +130,7 @@ def train_dit(z, y, num_classes, steps, seed, batch=64, lr=2e-3, ema_decay=0.995
     diffusion = Diffusion()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, lr, steps)
     ema = EMA(model, ema_decay, track="")
     gen = torch.Generator().manual_seed(seed + 1)
     for _ in tqdm(range(steps), desc="DiT", leave=False):

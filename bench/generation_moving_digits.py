@@ -173,29 +173,11 @@ def motion(clips: torch.Tensor) -> float:
 
 def train_vitok(X: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 2e-3,
                 channels: int = 8):
-    """A T-T/4x8 ViTok on fresh clips of the digits ``X`` every step (MSE + 1e-3 KL)."""
-    from tqdm import tqdm
-
-    from vitok_fast.losses import reconstruction_loss
-    from vitok_fast.model import ViTok
-
-    torch.manual_seed(seed)
-    model = ViTok.from_name(MODEL, channels=channels, use_kernels=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in tqdm(range(steps), desc="ViTok", leave=False):
-        pick = torch.randint(0, len(X), (batch,), generator=gen).numpy()
-        xb = render(X[pick], trajectories(batch, gen))
-        recon, posterior = model(xb, generator=gen)
-        loss, _ = reconstruction_loss(xb, recon, posterior, lpips_weight=0.0, kl_weight=1e-3)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    return model.eval()
+    """A T-T/4x8 ViTok on fresh clips of the digits ``X`` every step (MSE + 1e-3 KL): the
+    loop of generation_digits.py, each batch rendered from the digits drawn."""
+    return digits.train_vitok(X, steps, seed, batch=batch, lr=lr, channels=channels, name=MODEL,
+                              make=lambda pick, gen: render(X[pick.numpy()],
+                                                            trajectories(len(pick), gen)))
 
 
 @torch.no_grad()
