@@ -202,3 +202,21 @@ def test_bench_out_records_throughput_and_settings(tmp_path):
     assert record["images_per_s_total"] > 0 and len(record["windows"]) >= 3
     assert record["activation_checkpointing"] is True and record["kernels"] is False
     assert record["device"] == "cpu" and record["mfu"] is None and record["peak_memory_gib"] is None
+
+
+def test_stage2_trains_at_the_stage1_resolution_unless_told_otherwise(tmp_path, capsys):
+    """A stage-1 model of 16 px is fine-tuned at 16 px, not at stage 2's default size; another
+    --resolution is taken and named as not the stage-1 one."""
+    stage1.main(_args(tmp_path / "s1", "--max-steps", 1, "--lpips-weight", 0,
+                      "--resolution", 16))
+    init = tmp_path / "s1"  # the run directory: its latest checkpoint
+    capsys.readouterr()
+    args = stage2.parse_args(_args(tmp_path / "s2", "--ckpt", init, "--max-steps", 1))
+    assert args.resolution == 16
+    stage2.main(_args(tmp_path / "s2", "--ckpt", init, "--max-steps", 1, "--lpips-weight", 0))
+    assert "at 16 px (its stage-1 resolution)" in capsys.readouterr().out
+    args = stage2.parse_args(_args(tmp_path / "s3", "--ckpt", init, "--resolution", 32))
+    assert args.resolution == 32
+    stage2.main(_args(tmp_path / "s3", "--ckpt", init, "--max-steps", 1, "--lpips-weight", 0,
+                      "--resolution", 32))
+    assert "at 32 px (NOT its stage-1 resolution, 16 px)" in capsys.readouterr().out

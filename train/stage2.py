@@ -49,6 +49,23 @@ def _init_config(spec):
     return ViTokConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
 
 
+def _init_settings(spec) -> dict:
+    """The resolution and frames the stage-1 checkpoint ``spec`` was trained at ({} if it
+    records none)."""
+    from vitok_fast.checkpoint import resolve_checkpoint, training_settings
+
+    return training_settings(resolve_checkpoint(spec, spec, flag="--ckpt")) or {}
+
+
+def _said_resolution(args) -> str:
+    """Whether stage 2 runs at the size stage 1 was trained at, for its start line."""
+    trained = _init_settings(args.init).get("resolution")
+    if not trained:
+        return ""
+    return " (its stage-1 resolution)" if args.resolution == trained else \
+        f" (NOT its stage-1 resolution, {trained} px)"
+
+
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
@@ -69,6 +86,12 @@ def parse_args(argv=None):
     # The model is the stage-1 checkpoint's: take its name (and so image/video defaults) there.
     config = _init_config(args.init)
     args.model, args.channels = config.name, config.channels
+    # ... and the size it was trained at, unless given: a stage-1 model of 64 px fine-tuned at
+    # the 256 px default would be trained on 16x upscaled crops without a word
+    trained = _init_settings(args.init)
+    for key in ("resolution", "frames"):
+        if getattr(args, key) is None and trained.get(key):
+            setattr(args, key, int(trained[key]))
     if args.smoke:  # [ours] a faster EMA so that a 30-step run shows it moving
         for key, value in (("disc_warmup", 5), ("disc_channels", 16), ("ema_decay", 0.9)):
             if getattr(args, key) == parser.get_default(key):
@@ -154,7 +177,10 @@ def train(argv, stop: "StopOnSignal", args=None) -> dict:
     dec_params = sum(p.numel() for p in D.unwrap(model).decoder.parameters())
     all_params = sum(p.numel() for p in D.unwrap(model).parameters())
     run.begin(step, "stage 2",
-              f"{config.name} from {init}: decoder + discriminator "
+              f"{config.name} from {init} at {args.resolution} px"
+              + (f" x {args.frames} frames" if args.frames > 1 else "")
+              + _said_resolution(args)
+              + ": decoder + discriminator "
               f"({sum(p.numel() for p in disc.parameters()) / 1e6:.1f}M) | "
               f"{dist.world} x {args.micro_batch_size} x {accum} = {args.global_batch_size}"
               f" | lr {lr:.2e}, disc lr {args.disc_lr:.1e} | GAN weight {args.gan_weight} | "
