@@ -540,6 +540,7 @@ def main(argv=None) -> dict:
     import torch
     import torch.distributed as dist
 
+    from vitok_fast import distributed as D
     from vitok_fast import metrics as M
     from vitok_fast.fileio import atomic_write
 
@@ -557,13 +558,8 @@ def main(argv=None) -> dict:
     from vitok_fast.data import make_dataset
     from vitok_fast.perceptual import load_lpips
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # under torchrun: the process group on this attempt's own store (distributed.setup)
+    device = D.setup(args.device).device
     rank = dist.get_rank() if dist.is_initialized() else 0
 
     model, ckpt, size = cli.load_vitok(args.ckpt, "evaluate", device=device,
@@ -616,7 +612,7 @@ def main(argv=None) -> dict:
         atomic_write(out, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
         print(f"wrote {out}", file=sys.stderr)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        D.cleanup()
     return results
 
 

@@ -76,15 +76,13 @@ def main(argv=None) -> dict:
     import torch
     import torch.distributed as dist
 
+    from vitok_fast import distributed as D
+
     from vitok_fast.data import make_dataset
     from vitok_fast.latents import compute_stats, write_stats
 
-    device = torch.device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # under torchrun: the process group on this attempt's own store (distributed.setup)
+    device = D.setup(args.device).device
 
     model, folder, size = cli.load_vitok(args.ckpt, "latent_stats", device=device,
                                          no_kernels=args.no_kernels, resolution=args.resolution,
@@ -106,7 +104,7 @@ def main(argv=None) -> dict:
               f"shift_factor {stats['shift_factor']:.6g}, scaling_factor "
               f"{stats['scaling_factor']:.6g}; wrote {args.out}", file=sys.stderr)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        D.cleanup()
     return stats
 
 
