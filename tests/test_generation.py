@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vitok_fast.cli import UserError
 from vitok_fast import metrics as M
 from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm
 
@@ -340,12 +341,15 @@ def test_gfvd_of_video_samples_and_rfvd_of_a_video_folder_with_i3d_weights(video
     assert rec["num_samples"] == 2 and math.isfinite(rec["rfvd"]) and rec["rfvd"] > 0
 
 
-@pytest.mark.slow(reason="trains a video ViTok on moving digits: 600 steps, ~2 min on 2 free cores, 9 on a shared one")
+@pytest.mark.slow(reason="trains a video ViTok on moving digits: 600 steps, ~3.5 min on a free core, more when shared")
 def test_moving_digits_video_tokenizer_learns_what_moves_and_what_it_is():
-    """The learning half of bench/generation_moving_digits.py, short: a T-T/4x8 ViTok on
-    fresh clips for 600 steps. Its held-out reconstructions must beat an all-black guess by
-    far, keep the digit readable frame by frame and keep it moving at the real speed: what
-    breaks when the tubelet embed/unembed or the 3D layout of the latents goes wrong."""
+    """The learning half of bench/generation_moving_digits.py, short: its T-T/4x8 ViTok (width
+    128) on fresh clips for 600 steps. Its held-out reconstructions must beat an all-black
+    guess by far, keep the digit readable frame by frame, and follow it: each frame's centre
+    of mass within a pixel of the real one, at the real speed. A tubelet unembed that writes
+    one frame for all four of its tubelet (sabotaged once, by hand) trains to 17.4 dB and
+    readable digits, but they lag the real ones by 1.43 px and move at 0.97 px a frame
+    against 1.52: this test fails on it (see docs/generation.md)."""
     from vitok_fast.losses import psnr
 
     m = load_script("bench/generation_moving_digits.py")
@@ -358,9 +362,32 @@ def test_moving_digits_video_tokenizer_learns_what_moves_and_what_it_is():
     black = float(psnr(held, torch.full_like(held, -1.0)).mean())
     ours = float(psnr(held, recon).mean())
     accuracy = float((m.frame_classifier(train, y_train)(recon) == y_held[:, None]).mean())
-    speed, real = m.motion(recon), m.motion(held)
+    speed, real, off = m.motion(recon), m.motion(held), m.tracking(recon, held)
     print(f"PSNR {ours:.2f} dB (black {black:.2f}), frame accuracy {accuracy:.3f}, "
-          f"motion {speed:.2f} / {real:.2f} px")
-    assert ours > black + 3.0  # measured: 16.6 against 12.4
-    assert accuracy >= 0.35  # measured 0.49; chance 0.10; real held-out frames: 0.98
-    assert 0.5 * real < speed < 1.5 * real  # measured: 1.00 px against 1.52
+          f"motion {speed:.2f} / {real:.2f} px, tracking {off:.2f} px")
+    assert ours > black + 4.0  # measured: 19.0 against 12.4
+    assert accuracy >= 0.6  # measured 0.88; chance 0.10; real held-out frames: 0.98
+    assert off < 0.8  # measured 0.46 px; a frozen tubelet 1.43
+    assert 0.75 * real < speed < 1.25 * real  # measured: 1.34 px against 1.52; frozen 0.97
+
+
+def test_moving_digits_check_runs_end_to_end_and_writes_its_record(tmp_path):
+    """The whole of bench/generation_moving_digits.py on a few steps: clips, tokenizer, the
+    latent shards written and read back, DiT, DDIM + CFG, the video decode, every score, the
+    frame grid and the run python -m vitok_fast.sample reads."""
+    m = load_script("bench/generation_moving_digits.py")
+    torch.set_num_threads(1)
+    record = m.main(["--vitok-steps", "2", "--dit-steps", "2", "--per-class", "2",
+                     "--sampling-steps", "2", "--clips-per-digit", "1", "--width", "64",
+                     "--channels", "2", "--json", str(tmp_path / "r.json"),
+                     "--grid", str(tmp_path / "g.png"), "--save-run", str(tmp_path / "run")])
+    assert set(m.KEYS) <= set(record)
+    assert json.loads((tmp_path / "r.json").read_text())["seed"] == 0
+    assert record["tokenizer"] == {"model": "T-T/4x8", "width": 64, "channels": 2, "lr": 1e-3,
+                                   "steps": 2, "E": 2 * 4 * 4 * 4}
+    for key in ("accuracy_conditional", "temporal_consistency", "accuracy_real_heldout"):
+        assert 0.0 <= record[key] <= 1.0
+    assert record["accuracy_real_heldout"] > 0.9  # the SVM reads real held-out frames
+    assert (tmp_path / "g.png").is_file() and (tmp_path / "run" / "dit" / "latents.json").is_file()
+    with pytest.raises(UserError, match="multiple of 32"):
+        m.main(["--width", "100"])
