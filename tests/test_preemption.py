@@ -59,7 +59,9 @@ def _losses(run, key="train/loss"):
     return {r["step"]: r[key] for r in _rows(run) if key in r}
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+# PYTHONFAULTHANDLER: a worker that aborts (SIGABRT in C++) prints where Python was, in the log
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+       "PYTHONFAULTHANDLER": "1"}
 
 
 class Run:
