@@ -220,6 +220,23 @@ def reconstruct(vitok, clips: torch.Tensor, batch: int = 128) -> torch.Tensor:
                       for i in range(0, len(clips), batch)])
 
 
+def load_tokenizer(path):
+    """A tubelet ViTok saved before (``--save-run DIR`` writes DIR/vitok), checked to fit the
+    clips: a video model whose tubelets tile 16 frames of 32x32."""
+    from vitok_fast.model import ViTok
+
+    try:
+        vitok = ViTok.from_pretrained(path, use_kernels=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--vitok expects a ViTok model folder (--save-run DIR writes DIR/vitok), "
+                        f"got {path}: {e}") from e
+    c = vitok.config
+    if not c.is_video or FRAMES % c.tubelet_size or SIZE % c.patch_size:
+        raise UserError(f"--vitok {path} is {c.name}: moving digits need a video ViTok whose "
+                        f"tubelets tile {FRAMES} frames of {SIZE}x{SIZE}")
+    return vitok.eval()
+
+
 def save_run(directory, vitok, dit, latents: dict, meta: dict) -> Path:
     """The ViTok and the DiT as ``python -m vitok_fast.sample`` reads them: ``vitok/`` and a
     ``dit/`` folder holding the DiT and the ``latents.json`` train/dit.py would write."""
@@ -243,7 +260,8 @@ def run_check(seed: int = 0, *, vitok_steps: int = 2000, dit_steps: int = 3000,
               clips_per_digit: int = 4, per_class: int = 50, cfg: float = 1.5,
               sampling_steps: int = 50, channels: int = 8, width: int = WIDTH,
               vitok_lr: float = VITOK_LR, grid: str | None = None, save: str | None = None,
-              workdir: str | None = None) -> dict:
+              workdir: str | None = None, vitok_dir: str | None = None,
+              dit_model: str = "DiT-T/2") -> dict:
     """The whole check; returns the record with KEYS (device and versions left to main)."""
     from sklearn.decomposition import PCA
 
@@ -256,7 +274,16 @@ def run_check(seed: int = 0, *, vitok_steps: int = 2000, dit_steps: int = 3000,
     gen = torch.Generator().manual_seed(10_000 + seed)  # the fixed clips, apart from training's
     held = make_clips(X_held, 1, gen)
 
-    vitok = train_vitok(X_train, vitok_steps, seed, lr=vitok_lr, channels=channels, width=width)
+    if vitok_dir is None:
+        vitok = train_vitok(X_train, vitok_steps, seed, lr=vitok_lr, channels=channels,
+                            width=width)
+        tokenizer = {"model": MODEL, "width": width, "channels": channels, "lr": vitok_lr,
+                     "steps": vitok_steps}
+    else:  # a tokenizer trained before (--save-run's vitok/): the DiT half alone
+        vitok = load_tokenizer(vitok_dir)
+        c = vitok.config
+        tokenizer = {"model": c.name, "width": c.encoder_width, "channels": c.channels,
+                     "from": str(vitok_dir)}
     held_recon = reconstruct(vitok, held)
     tokenizer_psnr = float(psnr(held, held_recon).mean())
     print(f"ViTok: held-out PSNR {tokenizer_psnr:.2f} dB after {time.perf_counter() - start:.0f} s",
@@ -275,7 +302,7 @@ def run_check(seed: int = 0, *, vitok_steps: int = 2000, dit_steps: int = 3000,
     norm = LatentNorm(latents["stats"])
     z = norm.normalize(latents["mean"])
     dit, diffusion = digits.train_dit(z, latents["label"], len(latents["index"]["classes"]),
-                                      dit_steps, seed)
+                                      dit_steps, seed, name=dit_model)
 
     labels = torch.arange(10).repeat_interleave(per_class)
     samples = digits.generate(vitok, dit, diffusion, norm, labels, z.shape[1:], cfg,
@@ -294,8 +321,7 @@ def run_check(seed: int = 0, *, vitok_steps: int = 2000, dit_steps: int = 3000,
         "accuracy_real_heldout": float((pred_held == y_held[:, None]).mean()),
         "tokenizer_psnr_heldout": tokenizer_psnr,
         "tokenizer_tracking_heldout_px": tracking(held_recon, held),
-        "tokenizer": {"model": MODEL, "width": width, "channels": channels, "lr": vitok_lr,
-                      "steps": vitok_steps, "E": int(mean[0].numel())},
+        "tokenizer": {**tokenizer, "E": int(mean[0].numel())}, "dit": dit_model,
         "fd_samples": digits.frechet(pca.transform(flat(samples)), pca.transform(flat(held))),
         "fd_real": digits.frechet(pca.transform(flat(train_clips[::clips_per_digit])),
                                   pca.transform(flat(held))),
@@ -341,6 +367,9 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=WIDTH,
                    help="ViTok width, both sides (T is 64; heads of 32)")
     p.add_argument("--vitok-lr", type=float, default=VITOK_LR, help="ViTok peak learning rate")
+    p.add_argument("--vitok", metavar="DIR", help="use this trained tokenizer (a --save-run's "
+                   "DIR/vitok) instead of training one: the DiT half alone")
+    p.add_argument("--dit-model", default="DiT-T/2", help="the DiT (DiT-T/1: 4x the tokens)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (generation_digits.py "
                    "says why 1)")
     p.add_argument("--json", help="write the record here")
@@ -356,6 +385,13 @@ def main(argv=None) -> dict:
         raise UserError(f"--grid shows 2 samples per class: --per-class must be at least 2, "
                         f"got {args.per_class}")
     widths(args.width)  # a width that is not a multiple of 32: said before any work
+    if args.vitok:
+        load_tokenizer(args.vitok)
+    from vitok_fast.dit import DiTConfig
+    try:
+        DiTConfig.from_name(args.dit_model)
+    except ValueError as e:
+        raise UserError(f"--dit-model: {e}") from e
     if not args.vitok_lr > 0:
         raise UserError(f"--vitok-lr must be positive, got {args.vitok_lr}")
     torch.set_num_threads(args.threads)
@@ -363,7 +399,7 @@ def main(argv=None) -> dict:
                        clips_per_digit=args.clips_per_digit, per_class=args.per_class,
                        cfg=args.cfg, sampling_steps=args.sampling_steps, channels=args.channels,
                        width=args.width, vitok_lr=args.vitok_lr, grid=args.grid,
-                       save=args.save_run)
+                       save=args.save_run, vitok_dir=args.vitok, dit_model=args.dit_model)
     record.update(environment(args.threads))
     print(json.dumps(record, indent=2))
     if args.json:

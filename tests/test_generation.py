@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitok_fast.cli import UserError
 from vitok_fast import metrics as M
+from vitok_fast.cli import UserError
 from vitok_fast.dit import DiT, DiTConfig, Diffusion, LatentNorm
 
 from _scripts import ROOT, load_script
@@ -389,5 +389,18 @@ def test_moving_digits_check_runs_end_to_end_and_writes_its_record(tmp_path):
         assert 0.0 <= record[key] <= 1.0
     assert record["accuracy_real_heldout"] > 0.9  # the SVM reads real held-out frames
     assert (tmp_path / "g.png").is_file() and (tmp_path / "run" / "dit" / "latents.json").is_file()
+    # the DiT half alone, on the tokenizer that run saved: the same latents, so the same
+    # tokenizer scores
+    again = m.main(["--vitok", str(tmp_path / "run" / "vitok"), "--dit-steps", "2",
+                    "--per-class", "2", "--sampling-steps", "2", "--clips-per-digit", "1"])
+    assert again["tokenizer"]["from"] == str(tmp_path / "run" / "vitok")
+    assert again["tokenizer_psnr_heldout"] == record["tokenizer_psnr_heldout"]
     with pytest.raises(UserError, match="multiple of 32"):
         m.main(["--width", "100"])
+    from vitok_fast.model import ViTok
+
+    ViTok.from_name("T-T/8", use_kernels=False).save_pretrained(tmp_path / "image")
+    with pytest.raises(UserError, match="need a video ViTok"):
+        m.main(["--vitok", str(tmp_path / "image")])
+    with pytest.raises(UserError, match="--dit-model"):
+        m.main(["--dit-model", "DiT-Q/2"])
