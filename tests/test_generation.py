@@ -344,7 +344,7 @@ def test_gfvd_of_video_samples_and_rfvd_of_a_video_folder_with_i3d_weights(video
 @pytest.mark.slow(reason="trains a video ViTok on moving digits: 600 steps, ~3.5 min on a free core, more when shared")
 def test_moving_digits_video_tokenizer_learns_what_moves_and_what_it_is():
     """The learning half of bench/generation_moving_digits.py, short: its T-T/4x8 ViTok (width
-    128) on fresh clips for 600 steps. Its held-out reconstructions must beat an all-black
+    128, 8 channels) on fresh clips for 600 steps. Its held-out reconstructions must beat an all-black
     guess by far, keep the digit readable frame by frame, and follow it: each frame's centre
     of mass within a pixel of the real one, at the real speed. A tubelet unembed that writes
     one frame for all four of its tubelet (sabotaged once, by hand) trains to 17.4 dB and
@@ -357,7 +357,7 @@ def test_moving_digits_video_tokenizer_learns_what_moves_and_what_it_is():
     X_train, X_held, y_train, y_held = m.digits.digits_split()
     gen = torch.Generator().manual_seed(10_000)
     held, train = m.make_clips(X_held, 1, gen), m.make_clips(X_train, 1, gen)
-    vitok = m.train_vitok(X_train, 600, 0)
+    vitok = m.train_vitok(X_train, 600, 0, channels=8)  # E = 512: the tokenizer's best case
     recon = m.reconstruct(vitok, held)
     black = float(psnr(held, torch.full_like(held, -1.0)).mean())
     ours = float(psnr(held, recon).mean())
